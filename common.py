@@ -1,0 +1,224 @@
+"""Plumbing every stage script shares: CLI from a dataclass, clear errors, device choice, atomic
+checkpoints without pickle, wandb that never needs the network, local metric logs."""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line `error: ...`, exit code 2, nothing lost."""
+
+
+def run_main(main_fn) -> None:
+    """Run a script's main(); turn UserError (and Ctrl-C) into a clean one-line exit."""
+    try:
+        main_fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- CLI from a dataclass
+def parse_config(cls, argv=None, presets: dict[str, dict] | None = None, description: str | None = None):
+    """Build an argparse CLI from a dataclass whose fields carry `metadata={"help": ...}`.
+
+    Every field is accepted as --name-with-dashes and --name_with_underscores. `--preset NAME` (when
+    presets are given) replaces the defaults before explicit flags are applied, so flags always win.
+    """
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name != "preset"]
+    defaults = cls()
+    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="named bundle of defaults: " + "; ".join(
+                                f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in presets.items()))
+    for f in fields:
+        default = getattr(defaults, f.name)
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help", ""))
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            typ = type(default) if default is not None else f.metadata.get("type", str)
+            kw["type"] = typ
+        # Show the dataclass default in --help (argparse.SUPPRESS hides it otherwise).
+        kw["help"] = f"{kw['help']} (default: {default})"
+        parser.add_argument(*names, **kw)
+    args = vars(parser.parse_args(argv))
+    values = dataclasses.asdict(defaults)
+    preset = args.pop("preset", None)
+    if preset:
+        values.update(presets[preset])
+    values.update(args)
+    cfg = cls(**values)
+    if hasattr(cfg, "preset"):
+        cfg.preset = preset or cfg.preset
+    return cfg
+
+
+def arg(default, help: str, **meta):
+    """A dataclass field with a one-line help text (and optional choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+# ----------------------------------------------------------------------------- devices and threads
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps asked for, but MPS is not available")
+    if name not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown --device {name!r}: use auto, cuda, mps or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- atomic files
+def atomic_write(path: str | Path, write_fn, suffix: str = "") -> None:
+    """Write through a temp file in the same folder, then rename: a killed run leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix + ".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600 files; outputs are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save of plain containers/tensors only, so it loads with weights_only=True (no pickle code)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, kind: str, expect: dict | None = None) -> dict:
+    """Load a checkpoint written by save_checkpoint; refuse corrupt, foreign or mismatched files clearly.
+
+    `kind` must equal the checkpoint's "kind" field; each key in `expect` must equal the stored config value.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickle with code in it...
+        raise UserError(f"checkpoint {path} is corrupt or not a Neural Atari checkpoint ({type(e).__name__})") from e
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        found = state.get("kind") if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"checkpoint {path} is a {found!r} checkpoint, expected {kind!r}")
+    for key, want in (expect or {}).items():
+        have = state.get("config", {}).get(key)
+        if have != want:
+            raise UserError(f"checkpoint {path} was made with {key}={have!r}, but this run uses {key}={want!r}")
+    return state
+
+
+def strip_compile_prefix(state_dict: dict) -> dict:
+    """torch.compile wraps modules and prefixes keys with `_orig_mod.`; store the plain names."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+def save_json(path: str | Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricLogger:
+    """Appends metrics to a local CSV (always) and to wandb (offline by default, never needs network)."""
+
+    def __init__(self, out_dir: str | Path, project: str, config: dict, mode: str = "offline",
+                 resume: bool = False, name: str | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / "metrics.csv"
+        if not resume and self.csv_path.exists():
+            self.csv_path.unlink()
+        self.rows: list[dict] = []
+        if resume and self.csv_path.exists():
+            with open(self.csv_path) as f:
+                self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        self.run = None
+        if mode not in ("offline", "online", "disabled"):
+            raise UserError(f"--wandb must be offline, online or disabled, not {mode!r}")
+        if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+            try:
+                import wandb
+                if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _wandb_logged_in()):
+                    print("wandb: no login found, logging offline instead", file=sys.stderr)
+                    mode = "offline"
+                self.run = wandb.init(project=project, config=config, mode=mode, dir=str(self.out_dir),
+                                      name=name, reinit="finish_previous")
+            except Exception as e:  # wandb must never take a training run down
+                print(f"wandb disabled ({type(e).__name__}: {e})", file=sys.stderr)
+                self.run = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items() if _is_number(v)}}
+        self.rows.append(row)
+        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, restval="")
+            w.writeheader()
+            w.writerows(self.rows)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_logged_in() -> bool:
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1)
+
+
+def _num(v: str) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,222 @@
+"""Judge the whole pipeline on held-out episodes (GUIDE §2 metrics), against the real emulator.
+
+    python evaluate_world_model.py --game breakout
+    python evaluate_world_model.py --game breakout --readme README.md    # also rewrite the results table
+
+For each held-out start point, the recorded episode is replayed in the real emulator up to the start
+(its seed and actions reproduce it exactly), the state is cloned, and the true actions continue from
+there: those real frames are the ground truth. The model starts from the k real frames before the
+start and is driven through make_neural_env with the same actions (or uniformly random ones).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import atari_env
+import gameplay_data as gd
+import metrics as wm_metrics
+from common import UserError, arg, parse_config, run_main, save_json
+
+HORIZONS = (1, 4, 16, 32, 64)
+
+
+@dataclass
+class Config:
+    """Evaluate world model + action->latent model on held-out episodes."""
+    game: str = arg("breakout", "game", choices=list(atari_env.GAMES))
+    data_dir: str = arg("", "recorded episodes (default data/<game>)")
+    checkpoint_dir: str = arg("", "weights (default checkpoints/<game>)")
+    out_dir: str = arg("", "report and plots (default <checkpoint_dir>/evaluation)")
+    starts: int = arg(32, "held-out start points")
+    horizon: int = arg(64, "open-loop steps per start")
+    object_steps: int = arg(32, "steps over which paddle/ball errors are measured")
+    random_steps: int = arg(400, "random-action steps before off_palette is measured")
+    latent_samples: int = arg(2048, "held-out transitions for latent_acc")
+    sps_steps: int = arg(300, "steps timed for play_sps (batch 1)")
+    val_percent: float = arg(10.0, "held-out percent (the training split)")
+    device: str = arg("auto", "auto, cuda, mps or cpu")
+    threads: int = arg(2, "torch CPU threads")
+    seed: int = arg(0, "seed for start points and random actions")
+    readme: str = arg("", "rewrite the results table between the eval markers of this README")
+
+
+class EmulatorReplay:
+    """Rebuilds a recorded episode's emulator state from its seed and actions (recording is exact)."""
+
+    def __init__(self, game: str, meta: dict):
+        self.env = atari_env.make_agent_env(game, noop_max=meta["env"]["noop_max"])
+        self.env.reset(seed=meta["seed"])
+        self.ale = self.env.unwrapped.ale
+
+    def advance(self, actions) -> list[np.ndarray]:
+        frames = []
+        for a in actions:
+            self.env.step(int(a))
+            frames.append(self.ale.getScreenRGB())
+        return frames
+
+
+def pick_starts(files, lengths, k: int, horizon: int, n: int, rng) -> list[tuple[int, int]]:
+    cands = [(e, s) for e, T in enumerate(lengths) for s in range(k - 1, T - horizon + 1, 8)]
+    if not cands:
+        raise UserError(f"held-out episodes are shorter than --horizon {horizon}; record longer episodes")
+    return [cands[i] for i in sorted(rng.choice(len(cands), min(n, len(cands)), replace=False))]
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(Config, argv)
+    atari_env.game_spec(cfg.game)
+    torch.set_num_threads(cfg.threads)
+    data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
+    ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
+    out_dir = Path(cfg.out_dir or ckpt / "evaluation")
+    env = atari_env.make_neural_env(cfg.game, ckpt, cfg.device)
+    k, n_actions = env.context_length, env.action_space.n
+    files = gd.split_episodes(data_dir, "val", cfg.val_percent)
+    eps = [gd.load_episode(f) for f in files]
+    rng = np.random.default_rng(cfg.seed)
+    starts = pick_starts(files, [len(e["actions"]) for e in eps], k, cfg.horizon, cfg.starts, rng)
+
+    H = cfg.horizon
+    sq = {m: np.zeros(H) for m in ("model", "copy", "random")}
+    npx = np.zeros(H)
+    pred_obj, real_obj, mismatched = [], [], 0
+    for e, s in tqdm(starts, desc="rollouts", unit="start"):
+        ep = eps[e]
+        replay = EmulatorReplay(cfg.game, ep["meta"])
+        replay.advance(ep["actions"][:s])
+        state = replay.ale.cloneState()
+        actions = ep["actions"][s:s + H]
+        real = np.stack(replay.advance(actions))                      # ground truth from the emulator
+        replay.ale.restoreState(state)
+        mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
+        context = ep["frames"][s - k + 1:s + 1]
+        for mode in ("model", "random"):
+            env.reset(options={"frames": context})
+            frames = []
+            for t in range(H):
+                a = actions[t] if mode == "model" else rng.integers(n_actions)
+                frames.append(env.step(int(a))[0])
+            frames = np.stack(frames)
+            sq[mode] += ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
+            if mode == "model":
+                pred_obj.append(frames[:cfg.object_steps])
+                real_obj.append(real[:cfg.object_steps])
+        sq["copy"] += ((context[-1].astype(np.float64)[None] - real) ** 2).mean(axis=(1, 2, 3))
+        npx += 1
+    psnr = {m: [wm_metrics.psnr_from_mse(v) for v in sq[m] / npx] for m in sq}
+    report = {f"psnr@{t}": psnr["model"][t - 1] for t in HORIZONS if t <= H}
+    report.update({f"copy_last_psnr@{t}": psnr["copy"][t - 1] for t in HORIZONS if t <= H})
+    report["delta_psnr@4"] = psnr["model"][3] - psnr["random"][3]
+    if cfg.game == "breakout":
+        report.update(wm_metrics.object_errors(np.concatenate(pred_obj), np.concatenate(real_obj)))
+
+    # off_palette: 400 uniformly random actions in the model, from held-out contexts
+    real_colors = np.unique(np.concatenate([e["frames"][::50].reshape(-1, 3) for e in eps]), axis=0)
+    off = []
+    for e, s in starts[:4]:
+        env.reset(options={"frames": eps[e]["frames"][s - k + 1:s + 1]})
+        for _ in range(cfg.random_steps):
+            frame = env.step(int(rng.integers(n_actions)))[0]
+        off.append(wm_metrics.off_palette_fraction(frame, real_colors))
+    report["off_palette"] = float(np.mean(off))
+
+    # latent_acc: action->latent prediction vs the encoder's latent on held-out transitions
+    wm, a2l, pal = env.world_model, env.a2l, env.palette
+    tok = whole = n = 0
+    with torch.inference_mode():
+        for _ in range(max(1, cfg.latent_samples // 128)):
+            picks = [(e, int(rng.integers(0, len(eps[e]["actions"])))) for e in rng.integers(0, len(eps), 128)]
+            ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
+            nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
+            act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
+            ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
+            _, true, _ = wm.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
+            pred = a2l.sample(act, ctx_i)
+            tok += (pred == true).sum().item()
+            whole += (pred == true).all(1).sum().item()
+            n += len(picks)
+    report["latent_token_acc"] = tok / (n * wm.num_tokens)
+    report["latent_acc"] = whole / n
+
+    # play_sps: the full chain, batch 1 (action -> latent -> decoder -> uint8 frame)
+    env.reset(options={"frames": eps[0]["frames"][:k]})
+    for _ in range(10):
+        env.step(0)
+    t0 = time.perf_counter()
+    for i in range(cfg.sps_steps):
+        env.step(int(rng.integers(n_actions)))
+    report["play_sps"] = cfg.sps_steps / (time.perf_counter() - t0)
+    report.update(emulator_replay_mismatched_frames=mismatched, held_out_episodes=len(files), starts=len(starts),
+                  device=str(env.device), threads=cfg.threads, config=dataclasses.asdict(cfg))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_json(out_dir / "report.json", report)
+    plot_psnr(psnr, out_dir / "psnr_vs_horizon.png", cfg.game)
+    print(format_table(report))
+    if cfg.readme:
+        update_readme(Path(cfg.readme), report, cfg)
+
+
+def plot_psnr(psnr: dict, path: Path, game: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = np.arange(1, len(psnr["model"]) + 1)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(t, psnr["model"], label="model, true actions", color="tab:blue")
+    ax.plot(t, psnr["random"], label="model, random actions", color="tab:orange", alpha=0.8)
+    ax.plot(t, psnr["copy"], label="copy last real frame", color="gray", ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("steps after the last real frame (open loop)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"Neural {game}: held-out open-loop PSNR")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+BARS = {"paddle_err_px": ("≤ 4", lambda v: v <= 4), "ball_presence_agree": ("≥ 0.9", lambda v: v >= 0.9),
+        "delta_psnr@4": ("≥ 1.9 dB", lambda v: v >= 1.9), "off_palette": ("< 1%", lambda v: v < 0.01),
+        "play_sps": ("≥ 60", lambda v: v >= 60), "latent_acc": ("≥ 0.99", lambda v: v >= 0.99)}
+
+
+def format_table(r: dict) -> str:
+    rows = ["| metric | value | bar | met |", "|---|---|---|---|"]
+    for t in HORIZONS:
+        if f"psnr@{t}" in r:
+            ok = r[f"psnr@{t}"] > r[f"copy_last_psnr@{t}"]
+            rows.append(f"| psnr@{t} (copy-last) | {r[f'psnr@{t}']:.2f} ({r[f'copy_last_psnr@{t}']:.2f}) | "
+                        f"{'> copy-last' if t == 16 else ''} | {('yes' if ok else 'no') if t == 16 else ''} |")
+    for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_err_px", "off_palette",
+                "latent_acc", "latent_token_acc", "play_sps"):
+        if key in r:
+            bar, test = BARS.get(key, ("", None))
+            val = f"{r[key]:.2%}" if key == "off_palette" else f"{r[key]:.3f}" if isinstance(r[key], float) else r[key]
+            rows.append(f"| {key} | {val} | {bar} | {('yes' if test(r[key]) else 'no') if test else ''} |")
+    return "\n".join(rows)
+
+
+def update_readme(path: Path, report: dict, cfg: Config) -> None:
+    begin, end = "<!-- eval:begin -->", "<!-- eval:end -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise UserError(f"{path} has no {begin} ... {end} block to rewrite")
+    block = (f"{begin}\n`python evaluate_world_model.py --game {cfg.game} --readme {path.name}` "
+             f"({report['starts']} start points in {report['held_out_episodes']} held-out episodes, "
+             f"{report['device']}, {report['threads']} threads):\n\n{format_table(report)}\n{end}")
+    path.write_text(text[:text.index(begin)] + block + text[text.index(end) + len(end):])
+    print(f"rewrote the results table in {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,120 @@
+"""World-model metrics, as defined in GUIDE §2 (names used in every report).
+
+PSNR is always computed from the MSE averaged over all samples first (peak 255, native 210x160 RGB).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def psnr_from_mse(mse: float) -> float:
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+
+
+class PSNRAccumulator:
+    """Sums squared error and pixel counts over batches; `.psnr` is PSNR of the pooled MSE."""
+
+    def __init__(self):
+        self.sq, self.n = 0.0, 0
+
+    def add(self, pred_rgb: torch.Tensor, real_rgb: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        err = (pred_rgb.float() - real_rgb.float()).pow(2)          # (B, H, W, 3)
+        if mask is not None:
+            err = err * mask[..., None]
+            self.n += int(mask.sum().item()) * 3
+        else:
+            self.n += err.numel()
+        self.sq += float(err.sum().item())
+
+    @property
+    def psnr(self) -> float:
+        return psnr_from_mse(self.sq / self.n) if self.n else float("nan")
+
+
+def motion_mask(frame_t: torch.Tensor, frame_t1: torch.Tensor, dilate: int = 2) -> torch.Tensor:
+    """Pixels that differ between t and t+1 (any channel), dilated by `dilate` px: (B, H, W) float."""
+    diff = (frame_t != frame_t1)
+    if diff.dim() == 4 and diff.shape[-1] == 3:
+        diff = diff.any(-1)
+    m = diff.float()[:, None]
+    m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m[:, 0]
+
+
+def error_grid(context_rgb: np.ndarray, real_rgb: np.ndarray, pred_rgb: np.ndarray, path, scale: int = 2,
+               title: str = "") -> None:
+    """PNG grid, one row per sample: last context frame | real next | predicted next | |error|."""
+    import imageio.v3 as iio
+    rows = []
+    for c, r, p in zip(context_rgb, real_rgb, pred_rgb):
+        err = np.abs(r.astype(np.int16) - p.astype(np.int16)).sum(-1).clip(0, 255).astype(np.uint8)
+        err = np.stack([err, err // 2, err // 2], -1)
+        sep = np.full((r.shape[0], 4, 3), 255, np.uint8)
+        rows.append(np.concatenate([c, sep, r, sep, p, sep, err], 1))
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))
+    grid = np.concatenate(rows[:-1], 0).repeat(scale, 0).repeat(scale, 1)
+    iio.imwrite(path, grid)
+
+
+# ----------------------------------------------------------------------------- Breakout object detector
+# Documented from the real game (GUIDE §1), checked against the RAM in tests/test_metrics.py:
+# paddle, ball and top bricks share colour (200, 72, 72); the paddle lives in rows 189-192 with its left
+# edge in 8..144 (RAM[72] - 47); a static red block sits at x 152-159, so columns >= 152 are ignored;
+# bricks fill rows 57-92, so a red pixel in rows 93-188 is the ball (top row RAM[101] + 9, left column
+# RAM[99] - 49).
+BREAKOUT_RED = (200, 72, 72)
+PADDLE_ROWS = slice(189, 193)
+BALL_ROWS = slice(93, 189)
+PLAY_COLS = slice(8, 152)
+NO_PADDLE_ERR_PX = 40.0
+
+
+def _red(frame: np.ndarray) -> np.ndarray:
+    return (frame[..., 0] == 200) & (frame[..., 1] == 72) & (frame[..., 2] == 72)
+
+
+def paddle_left(frame: np.ndarray) -> int | None:
+    """Left edge (x) of the paddle: the widest run (>= 4 px) of columns red in >= 3 of its 4 rows."""
+    cols = _red(frame[PADDLE_ROWS, PLAY_COLS]).sum(0) >= 3
+    best, start, best_len = None, None, 0
+    for x, on in enumerate(np.append(cols, False)):
+        if on and start is None:
+            start = x
+        elif not on and start is not None:
+            if x - start > best_len:
+                best, best_len = start, x - start
+            start = None
+    return best + PLAY_COLS.start if best is not None and best_len >= 4 else None
+
+
+def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
+    """(top row, left column) of the ball when it is visible below the bricks, else None."""
+    pts = np.argwhere(_red(frame[BALL_ROWS, PLAY_COLS]))
+    if len(pts) == 0:
+        return None
+    return float(pts[:, 0].min() + BALL_ROWS.start), float(pts[:, 1].min() + PLAY_COLS.start)
+
+
+def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:
+    """paddle_err_px, ball_presence_agree and ball_err_px over matched frame sequences."""
+    pad, agree, ball = [], [], []
+    for p, r in zip(pred_frames, real_frames):
+        pl, rl = paddle_left(p), paddle_left(r)
+        if rl is not None:
+            pad.append(NO_PADDLE_ERR_PX if pl is None else abs(pl - rl))
+        pb, rb = ball_position(p), ball_position(r)
+        agree.append((pb is None) == (rb is None))
+        if pb is not None and rb is not None:
+            ball.append(np.hypot(pb[0] - rb[0], pb[1] - rb[1]))
+    return {"paddle_err_px": float(np.mean(pad)) if pad else float("nan"),
+            "ball_presence_agree": float(np.mean(agree)) if agree else float("nan"),
+            "ball_err_px": float(np.mean(ball)) if ball else float("nan")}
+
+
+def off_palette_fraction(frames: np.ndarray, palette_rgb: np.ndarray, threshold: int = 60) -> float:
+    """Fraction of pixels farther than `threshold` (sum of |dRGB|) from every colour of the real game."""
+    cols, inv = np.unique(frames.reshape(-1, 3), axis=0, return_inverse=True)
+    dist = np.abs(cols[:, None, :].astype(np.int64) - palette_rgb[None].astype(np.int64)).sum(-1).min(1)
+    return float((dist[inv.ravel()] > threshold).mean())

@@ -1,0 +1,141 @@
+"""The world model as a gymnasium.Env: the one code path behind play, the random game and evaluation.
+
+    env = atari_env.make_neural_env("breakout")                 # shipped weights in checkpoints/breakout
+    obs, info = env.reset(seed=0)                                # real start frames shipped beside them
+    obs, info = env.reset(options={"frames": frames_k_210_160_3})
+    obs, reward, terminated, truncated, info = env.step(2)       # RIGHT
+
+Each step: real action (+ the k context frames) -> action->latent model -> latent code -> decoder ->
+next frame as palette indices -> uint8 RGB. The indices are what is fed back, so what you see is
+exactly what the model continues from. Rewards are not modelled (always 0); episodes never end on
+their own (use max_episode_steps or gymnasium's TimeLimit).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common import UserError, pick_device
+from models.world_model import H, W, load_action_to_latent, load_world_model
+
+START_FRAMES = "start_frames.npz"
+
+
+class NeuralAtariEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
+
+    def __init__(self, game: str = "breakout", checkpoint_dir: str | Path | None = None, device: str = "auto",
+                 temperature: float | None = None, max_episode_steps: int | None = None,
+                 render_mode: str | None = "rgb_array", compile: bool = False, threads: int | None = None):
+        self.game = game
+        ckpt = Path(checkpoint_dir or Path(__file__).resolve().parent.parent / "checkpoints" / game)
+        self.device = pick_device(device)
+        if threads:
+            torch.set_num_threads(threads)
+        self.world_model, self.palette, self.wm_meta = load_world_model(ckpt / "world_model.safetensors", game, self.device)
+        self.a2l, self.a2l_meta = load_action_to_latent(ckpt / "action_to_latent.safetensors", self.wm_meta, self.device)
+        self.temperature = self.a2l_meta.get("temperature", 0.0) if temperature is None else temperature
+        self.action_names = self.a2l_meta["action_names"]
+        self.context_length = self.world_model.context
+        self.max_episode_steps = max_episode_steps
+        self.render_mode = render_mode
+        self.observation_space = gym.spaces.Box(0, 255, (H, W, 3), np.uint8)
+        self.action_space = gym.spaces.Discrete(len(self.action_names))
+        self._colors = torch.as_tensor(self.palette.colors, device=self.device)
+        self._start_frames = self._load_start_frames(ckpt / START_FRAMES)
+        self._ctx: torch.Tensor | None = None
+        self._steps = 0
+        self._generator = torch.Generator(device="cpu")
+        if compile and self.device.type == "cuda":
+            self.world_model.decode_cells = torch.compile(self.world_model.decode_cells)
+
+    def _load_start_frames(self, path: Path) -> np.ndarray | None:
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return z["frames"]          # (n_starts, k, 210, 160, 3) uint8
+
+    # --------------------------------------------------------------------- gym API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._generator.manual_seed(seed)
+        frames = (options or {}).get("frames")
+        if frames is None:
+            if self._start_frames is None:
+                raise UserError(f"no {START_FRAMES} beside the weights: pass options={{'frames': ...}}")
+            frames = self._start_frames[self.np_random.integers(len(self._start_frames))]
+        frames = np.asarray(frames)
+        k = self.context_length
+        if frames.dtype != np.uint8 or frames.shape != (k, H, W, 3):
+            raise UserError(f"reset frames must be uint8 of shape ({k}, {H}, {W}, 3) (most recent last), "
+                            f"got {frames.dtype} {frames.shape}")
+        self._ctx = torch.from_numpy(self.palette.to_index(frames))[None].to(self.device)
+        self._steps = 0
+        return self._obs(), {"step": 0}
+
+    def step(self, action):
+        if self._ctx is None:
+            raise UserError("call reset() before step()")
+        if not self.action_space.contains(action):
+            try:
+                action = int(action)
+            except (TypeError, ValueError):
+                action = -1
+            if not self.action_space.contains(action):
+                raise UserError(f"action must be an int in 0..{self.action_space.n - 1} "
+                                f"({', '.join(self.action_names)}), got {action!r}")
+        with torch.inference_mode():
+            act = torch.tensor([int(action)], device=self.device)
+            codes = self.a2l.sample(act, self._ctx, self.temperature, self._generator)
+            nxt = self.world_model.predict_next(self._ctx, codes)
+            self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
+        self._steps += 1
+        truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
+        return self._obs(), 0.0, False, truncated, {"step": self._steps, "latent": codes[0].tolist()}
+
+    def step_latent(self, codes) -> np.ndarray:
+        """Advance with explicit latent codes (evaluation: random latents, teacher forcing)."""
+        with torch.inference_mode():
+            c = torch.as_tensor(codes, device=self.device).view(1, -1)
+            nxt = self.world_model.predict_next(self._ctx, c)
+            self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
+        self._steps += 1
+        return self._obs()
+
+    def render(self):
+        return self._obs()
+
+    def _obs(self) -> np.ndarray:
+        return self._colors[self._ctx[0, -1].long()].cpu().numpy()
+
+
+def save_start_frames(path: str | Path, frames: np.ndarray) -> None:
+    """(n_starts, k, 210, 160, 3) uint8 real frames the env can start from without arguments."""
+    from common import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, frames=np.asarray(frames, np.uint8))
+    atomic_write(path, write)
+
+
+def real_start_frames(game: str, k: int, n: int, seed: int = 0) -> np.ndarray:
+    """n contexts of k real frames from game starts: reset, then FIRE and a few NOOPs, as a player would."""
+    import atari_env
+    env = atari_env.make_world_model_env(game)
+    names = env.unwrapped.get_action_meanings()
+    fire = names.index("FIRE") if "FIRE" in names else 0
+    out = []
+    for i in range(n):
+        obs, _ = env.reset(seed=seed + i)
+        frames = [obs]
+        for t in range(k + 2):   # FIRE then NOOPs: the ball is served and in play
+            obs, *_ = env.step(fire if t == 0 else 0)
+            frames.append(obs)
+        out.append(np.stack(frames[-k:]))
+    env.close()
+    return np.stack(out)

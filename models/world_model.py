@@ -1,0 +1,311 @@
+"""Stage 3 and 5 networks: the latent action model (encoder + vector quantiser + decoder = world model)
+and the action -> latent model.
+
+Why it looks like this (GUIDE §3-4):
+* Frames are handled as indices into the game's small colour palette (Breakout uses < 12 colours).
+  The decoder classifies every pixel over that palette instead of regressing RGB, so its output is
+  always crisp and always on-palette: a 2-px ball cannot blur away, and what is fed back is exactly
+  what is displayed (no drift into noise).
+* The decoder predicts the *change*: the last frame's colours enter the output logits as a learned
+  bias, so static pixels are copied for free and the network spends its capacity on what moves.
+* All convolutions run on an 8x8 space-to-depth grid (27x20 cells for 216x160): nothing expensive
+  happens at full resolution, which keeps one decoder step at a few ms on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from vector_quantize_pytorch import VectorQuantize
+
+H, W = 210, 160
+CELL = 8                      # space-to-depth factor
+PAD_H = (-H) % CELL           # 210 -> 216 rows
+
+
+# ----------------------------------------------------------------------------- palette
+class Palette:
+    """The game's colours, most frequent first; maps RGB frames <-> palette indices exactly."""
+
+    def __init__(self, colors: np.ndarray):
+        self.colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+        codes = self._codes(self.colors)
+        self._order = np.argsort(codes)
+        self._sorted = codes[self._order]
+
+    @staticmethod
+    def _codes(rgb: np.ndarray) -> np.ndarray:
+        rgb = rgb.astype(np.int64)
+        return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+    @classmethod
+    def fit(cls, frames: np.ndarray, max_colors: int = 32) -> "Palette":
+        codes, counts = np.unique(cls._codes(frames.reshape(-1, 3)), return_counts=True)
+        keep = codes[np.argsort(-counts)][:max_colors]
+        return cls(np.stack([(keep >> 16) & 255, (keep >> 8) & 255, keep & 255], 1))
+
+    def __len__(self) -> int:
+        return len(self.colors)
+
+    def to_index(self, frames: np.ndarray) -> np.ndarray:
+        """(..., 3) uint8 RGB -> (...) uint8 indices; an unseen colour maps to the nearest palette colour."""
+        codes = self._codes(frames)
+        pos = np.clip(np.searchsorted(self._sorted, codes), 0, len(self._sorted) - 1)
+        exact = self._sorted[pos] == codes
+        idx = self._order[pos]
+        if not exact.all():
+            odd = frames[~exact].astype(np.int64)
+            dist = np.abs(odd[:, None, :] - self.colors[None].astype(np.int64)).sum(-1)
+            idx[~exact] = dist.argmin(1)
+        return idx.astype(np.uint8)
+
+    def to_rgb(self, indices):
+        if isinstance(indices, torch.Tensor):
+            return torch.as_tensor(self.colors, device=indices.device)[indices.long()]
+        return self.colors[indices]
+
+
+def to_cells(img: torch.Tensor) -> torch.Tensor:
+    """(B, 210, 160) -> (B, 540, 64): pad to 216 rows, then one row per 8x8 grid cell."""
+    x = F.pad(img, (0, 0, 0, PAD_H))[:, None]
+    return F.pixel_unshuffle(x, CELL).flatten(2).transpose(1, 2)
+
+
+def from_cells(cells: torch.Tensor) -> torch.Tensor:
+    """(B, 540, 64) -> (B, 210, 160); inverse of to_cells."""
+    x = cells.transpose(1, 2).reshape(cells.shape[0], CELL * CELL, (H + PAD_H) // CELL, W // CELL)
+    return F.pixel_shuffle(x, CELL)[:, 0, :H]
+
+
+def change_target(last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+    """Class targets: 0 where the pixel keeps its colour, 1 + colour where it changes."""
+    return torch.where(next_idx == last_idx, 0, next_idx.long() + 1)
+
+
+def apply_change(last_idx: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+    return torch.where(change == 0, last_idx, (change.long() - 1).to(last_idx.dtype))
+
+
+def motion_weights(last_idx: torch.Tensor, next_idx: torch.Tensor, weight: float) -> torch.Tensor:
+    """1 everywhere, 1 + weight where the pixel changes from t to t+1 (the earlier attempt: 1 + 10·[Δ])."""
+    return 1.0 + weight * (last_idx != next_idx).float()
+
+
+# ----------------------------------------------------------------------------- building blocks
+class FrameEmbed(nn.Module):
+    """(B, k, 210, 160) palette indices -> (B, k*64*e, 27, 20): lossless space-to-depth of the index
+    map (cheap on uint8), then a per-pixel colour embedding, so the grid cells see every pixel exactly."""
+
+    def __init__(self, num_colors: int, dim: int):
+        super().__init__()
+        # A fixed random code per colour: the projection after it is learned anyway, and a trainable
+        # embedding's backward over millions of pixel indices cost more than the whole conv stack.
+        self.embed = nn.Embedding(num_colors, dim)
+        self.embed.weight.requires_grad_(False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        cells = F.pixel_unshuffle(F.pad(idx, (0, 0, 0, PAD_H)), CELL)        # (B, k*64, 27, 20)
+        x = self.embed(cells.long())                                         # (B, k*64, 27, 20, e)
+        return x.permute(0, 1, 4, 2, 3).flatten(1, 2)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, cond_dim: int = 0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * ch) if cond_dim else None
+
+    def forward(self, x, cond=None):
+        h = F.silu(self.conv1(x))
+        if self.film is not None:
+            scale, shift = self.film(cond)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return x + self.conv2(F.silu(h))
+
+
+class GridNet(nn.Module):
+    """Embed frames, project to `width` channels on the 27x20 grid, `depth` residual blocks (FiLM-
+    conditioned on `cond` when cond_dim > 0)."""
+
+    def __init__(self, num_colors: int, frames: int, width: int, depth: int, embed_dim: int, cond_dim: int = 0):
+        super().__init__()
+        self.embed = FrameEmbed(num_colors, embed_dim)
+        self.proj = nn.Conv2d(frames * embed_dim * CELL * CELL, width, 1)
+        self.blocks = nn.ModuleList(ResBlock(width, cond_dim) for _ in range(depth))
+
+    def forward(self, idx, cond=None):
+        x = self.proj(self.embed(idx))
+        for b in self.blocks:
+            x = b(x, cond)
+        return x
+
+
+# ----------------------------------------------------------------------------- latent action model
+class LatentActionModel(nn.Module):
+    """Encoder (context + next frame -> discrete latent action) and decoder (context + latent -> next
+    frame). The decoder alone is the world model used at play time."""
+
+    def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
+                 enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
+                 code_dim: int = 32, head_hidden: int = 192):
+        super().__init__()
+        self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
+                            enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
+                            codebook_size=codebook_size, code_dim=code_dim, head_hidden=head_hidden)
+        self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
+        self.codebook_size, self.code_dim = codebook_size, code_dim
+        # encoder: sees context frames and the next frame
+        self.enc = GridNet(num_colors, context + 1, enc_width, enc_depth, embed_dim)
+        self.enc_out = nn.Sequential(nn.Linear(2 * enc_width, 256), nn.SiLU(), nn.Linear(256, num_tokens * code_dim))
+        self.vq = VectorQuantize(dim=code_dim, codebook_size=codebook_size, decay=0.9, commitment_weight=0.25,
+                                 kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2)
+        # decoder: sees context frames, FiLM-conditioned on the quantised latent
+        cond = num_tokens * code_dim
+        self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond)
+        # Per pixel: class 0 = "keep the last frame's colour", class 1 + c = "becomes palette colour c".
+        # 1x1 convs written as Linear over cells: the same maths, 2x faster on CPU at batch 1.
+        self.head = nn.Sequential(nn.Linear(width, head_hidden), nn.SiLU(),
+                                  nn.Linear(head_hidden, (num_colors + 1) * CELL * CELL))
+        with torch.no_grad():   # start as "copy the last frame" (GUIDE: copy-last is a strong baseline)
+            self.head[-1].bias.view(num_colors + 1, CELL * CELL)[0] += 4.0
+
+    # --- encoder
+    def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):
+        """-> quantised latent (B, T, D), codes (B, T), commitment loss. Target is t -> t+1."""
+        h = self.enc(torch.cat([context_idx, next_idx[:, None]], 1))
+        z = self.enc_out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)).view(-1, self.num_tokens, self.code_dim)
+        quantized, codes, commit = self.vq(z)
+        return quantized, codes, commit
+
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.vq.get_output_from_indices(codes).view(-1, self.num_tokens, self.code_dim)
+
+    # --- decoder (the world model)
+    def decode_cells(self, context_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """-> (B, 540, 1 + num_colors, 64) logits: per grid cell, per class, per pixel of the 8x8 cell.
+        Class 0 = keep the last frame's colour, class 1 + c = become palette colour c."""
+        h = self.dec(context_idx, latent.reshape(latent.shape[0], -1))
+        return self.head(h.flatten(2).transpose(1, 2)).unflatten(2, (self.num_colors + 1, CELL * CELL))
+
+    def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
+                  motion_weight: float) -> torch.Tensor:
+        """Motion-weighted cross-entropy, computed in the cell layout (no full-image reshuffle)."""
+        target = to_cells(change_target(last_idx, next_idx))                   # (B, 540, 64)
+        weight = to_cells(motion_weights(last_idx, next_idx, motion_weight))
+        weight = weight * to_cells(torch.ones_like(last_idx, dtype=torch.float32))   # 0 on the padding rows
+        # classes on dim 1 with the 64 pixels contiguous behind them: log-softmax vectorises well
+        ce = F.cross_entropy(cells.flatten(0, 1).float(), target.flatten(0, 1), reduction="none")
+        return (ce * weight.flatten(0, 1)).sum() / weight.sum()
+
+    @torch.no_grad()
+    def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Next frame as palette indices (B, 210, 160) uint8: exactly what is shown and fed back.
+        The argmax runs in the cell layout (cheaper than on the reshuffled image)."""
+        cells = self.decode_cells(context_idx, self.codes_to_latent(codes))
+        change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
+        return apply_change(context_idx[:, -1], from_cells(change))
+
+    def forward(self, context_idx, next_idx):
+        """Training pass: -> (decoder cell logits, codes, commitment loss)."""
+        quantized, codes, commit = self.encode(context_idx, next_idx)
+        return self.decode_cells(context_idx, quantized), codes, commit
+
+
+class ActionToLatent(nn.Module):
+    """Real action (+ recent frames for v2) -> logits over the latent codes, one head per token.
+
+    v1 is a lookup from action alone; v2 conditions on the frames because the same action yields
+    different latents in different states (FIRE with the ball in play is a NOOP, LEFT at the wall...)."""
+
+    def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
+                 codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4):
+        super().__init__()
+        self.hparams = dict(version=version, num_actions=num_actions, num_colors=num_colors, context=context,
+                            num_tokens=num_tokens, codebook_size=codebook_size, width=width, depth=depth,
+                            embed_dim=embed_dim)
+        self.version, self.num_tokens, self.codebook_size = version, num_tokens, codebook_size
+        self.action_embed = nn.Embedding(num_actions, 64)
+        if version == "v2":
+            self.frames = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=64)
+            in_dim = 2 * width + 64
+        else:
+            self.frames = None
+            in_dim = 64
+        self.out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_tokens * codebook_size))
+
+    def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.action_embed(action.long())
+        if self.frames is not None:
+            h = self.frames(context_idx, a)
+            a = torch.cat([a, h.mean((2, 3)), h.amax((2, 3))], 1)
+        return self.out(a).view(-1, self.num_tokens, self.codebook_size)
+
+    @torch.no_grad()
+    def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None) -> torch.Tensor:
+        logits = self(action, context_idx)
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, -1)
+        return torch.multinomial(probs.view(-1, self.codebook_size), 1, generator=generator).view(probs.shape[:2])
+
+
+# ----------------------------------------------------------------------------- shipped weights
+def save_weights(path, model: nn.Module, meta: dict) -> None:
+    """One safetensors file: weights + JSON metadata (hyperparameters, palette, game). No pickle."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from common import atomic_write, strip_compile_prefix
+    tensors = {k: v.detach().cpu().contiguous() for k, v in strip_compile_prefix(model.state_dict()).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"neural_atari": json.dumps(meta)}))
+
+
+def read_weights(path, kind: str) -> tuple[dict, dict]:
+    """-> (tensors, meta); clear errors for missing, corrupt or foreign files."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from common import UserError
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"weights {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("neural_atari", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"weights {path} are corrupt or not safetensors ({type(e).__name__})") from e
+    if meta.get("kind") != kind:
+        raise UserError(f"{path} holds {meta.get('kind')!r} weights, expected {kind!r}")
+    return tensors, meta
+
+
+def load_world_model(path, game: str | None = None, device="cpu"):
+    """-> (LatentActionModel in eval mode, Palette, meta) from world_model.safetensors."""
+    from common import UserError
+    tensors, meta = read_weights(path, "world_model")
+    if game is not None and meta.get("game") != game:
+        raise UserError(f"{path} is a world model for {meta.get('game')!r}, not {game!r}")
+    model = LatentActionModel(**meta["hparams"])
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), Palette(np.array(meta["palette"], dtype=np.uint8)), meta
+
+
+def load_action_to_latent(path, world_meta: dict, device="cpu"):
+    """-> (ActionToLatent in eval mode, meta); refuses weights made for another game or latent shape."""
+    from common import UserError
+    tensors, meta = read_weights(path, "action_to_latent")
+    hp, wm = meta["hparams"], world_meta["hparams"]
+    if meta.get("game") != world_meta.get("game"):
+        raise UserError(f"{path} is for {meta.get('game')!r}, the world model for {world_meta.get('game')!r}")
+    if (hp["num_tokens"], hp["codebook_size"], hp["context"]) != (wm["num_tokens"], wm["codebook_size"], wm["context"]):
+        raise UserError(f"{path} predicts {hp['num_tokens']}x{hp['codebook_size']} latents from {hp['context']} frames; "
+                        f"the world model uses {wm['num_tokens']}x{wm['codebook_size']} from {wm['context']}")
+    model = ActionToLatent(**hp)
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta

@@ -1,0 +1,232 @@
+"""Stage 5: map a real action (+ the recent frames) to the world model's latent action.
+
+    python train_action_to_latent.py --game breakout                 # v2: frames + action (default)
+    python train_action_to_latent.py --game breakout --model v1      # action only (baseline)
+
+Validation is on held-out *episodes* (the world model's split): token and whole-latent accuracy,
+per-action accuracy, a confusion matrix PNG, and what matters at play time: next-frame psnr@1 and
+motion_psnr@1 when the decoder uses the predicted latent vs the encoder's latent vs copy-last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import atari_env
+import gameplay_data as gd
+import metrics as wm_metrics
+from collect_action_latent_pairs import load_pairs
+from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
+                    save_checkpoint, save_json)
+from models.world_model import ActionToLatent, load_world_model, save_weights
+
+PRESETS = {"quick": dict(steps=1500, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
+
+
+@dataclass
+class Config:
+    """Action (+ recent frames) -> latent action classifier, one softmax per latent token."""
+    game: str = arg("breakout", "game", choices=list(atari_env.GAMES))
+    model: str = arg("v2", "v1: action only; v2: action + recent frames", choices=["v1", "v2"])
+    data_dir: str = arg("", "recorded episodes with latent pairs (default data/<game>)")
+    world_model: str = arg("", "world model weights (default checkpoints/<game>/world_model.safetensors)")
+    out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
+    preset: str = arg("", "set by --preset")
+    width: int = arg(48, "v2 frame-encoder channels")
+    depth: int = arg(2, "v2 frame-encoder residual blocks")
+    steps: int = arg(1500, "optimiser steps")
+    batch_size: int = arg(64, "batch size")
+    lr: float = arg(1e-3, "AdamW learning rate (cosine decay)")
+    temperature: float = arg(0.0, "default sampling temperature stored with the weights (0 = argmax)")
+    val_percent: float = arg(10.0, "percent of episodes held out (must match the world model's)")
+    val_every: int = arg(500, "steps between validations (and checkpoints)")
+    val_samples: int = arg(2048, "held-out transitions per validation")
+    cache_episodes: int = arg(48, "decoded episodes kept in RAM")
+    device: str = arg("auto", "auto, cuda, mps or cpu")
+    threads: int = arg(2, "torch CPU threads")
+    seed: int = arg(0, "random seed")
+    resume: bool = arg(False, "continue from <out_dir>/train/action_to_latent.pt")
+    wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
+
+
+class PairWindows(Dataset):
+    """(context frames as palette indices, real action, encoder codes) for each recorded transition."""
+
+    def __init__(self, windows: gd.GameplayWindows, pairs: dict[str, dict]):
+        self.w, self.pairs = windows, pairs
+
+    def __len__(self):
+        return len(self.w)
+
+    def __getitem__(self, i):
+        item = self.w[i]
+        r = self.pairs[self.w.files[item["episode"]].stem]
+        item["codes"] = torch.as_tensor(r["codes"][item["t"]]).long()
+        return item
+
+
+@torch.no_grad()
+def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, device, names, out_dir: Path) -> dict:
+    a2l.eval()
+    pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
+    K, A = a2l.codebook_size, len(names)
+    conf = np.zeros((K, K), dtype=np.int64)   # true code x predicted code (all tokens)
+    tok_ok = whole_ok = n = 0
+    per_action = np.zeros((A, 2))
+    colors = torch.as_tensor(palette.colors, device=device)
+    acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy")}
+    for b in range(0, len(pick), 128):
+        items = [val[i] for i in pick[b:b + 128]]
+        ctx = torch.stack([it["context"] for it in items]).to(device)
+        nxt = torch.stack([it["next"] for it in items]).to(device)
+        act = torch.tensor([it["action"] for it in items], device=device)
+        true = torch.stack([it["codes"] for it in items]).to(device)
+        pred = a2l.sample(act, ctx)
+        np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
+        ok_tok = (pred == true)
+        ok = ok_tok.all(1)
+        tok_ok += ok_tok.sum().item()
+        whole_ok += ok.sum().item()
+        n += len(items)
+        np.add.at(per_action, act.cpu().numpy(), np.stack([ok.cpu().numpy(), np.ones(len(items))], 1))
+        real = colors[nxt.long()]
+        mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
+        for key, codes in (("pred", pred), ("enc", true)):
+            out = colors[wm.predict_next(ctx, codes).long()]
+            acc[key].add(out, real)
+            acc["m_" + key].add(out, real, mask)
+        acc["copy"].add(colors[ctx[:, -1].long()], real)
+        acc["m_copy"].add(colors[ctx[:, -1].long()], real, mask)
+    plot_confusion(conf, out_dir / "action_to_latent_confusion.png", cfg.model)
+    a2l.train()
+    res = {"token_acc": tok_ok / (n * a2l.num_tokens), "latent_acc": whole_ok / n,
+           "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
+           "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
+           "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
+    for a, name in enumerate(names):
+        if per_action[a, 1]:
+            res[f"latent_acc_{name}"] = per_action[a, 0] / per_action[a, 1]
+    return res
+
+
+def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xlabel("predicted code")
+    ax.set_ylabel("encoder's code")
+    ax.set_title(f"action→latent {model}: held-out confusion")
+    for i in range(conf.shape[0]):
+        for j in range(conf.shape[1]):
+            if conf[i, j]:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="black" if norm[i, j] > 0.5 else "white")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(Config, argv, presets=PRESETS)
+    atari_env.game_spec(cfg.game)
+    data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
+    out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
+    wm_path = Path(cfg.world_model or f"checkpoints/{cfg.game}/world_model.safetensors")
+    ckpt_path = out_dir / "train" / "action_to_latent.pt"
+    torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    wm, palette, wm_meta = load_world_model(wm_path, cfg.game, device)
+    for p in wm.parameters():
+        p.requires_grad_(False)
+    names = atari_env.action_names(cfg.game)
+    train_files = gd.split_episodes(data_dir, "train", cfg.val_percent)
+    val_files = gd.split_episodes(data_dir, "val", cfg.val_percent)
+    pairs = load_pairs(data_dir, train_files + val_files, wm_path)
+    k = wm.context
+    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index), pairs)
+    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index), pairs)
+    a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size,
+                         cfg.width, cfg.depth).to(device)
+    opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
+    step, last_val = 0, {}
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path, "action_to_latent_train",
+                                expect={"game": cfg.game, "model": cfg.model, "width": cfg.width, "depth": cfg.depth})
+        if state["world_model"] != wm_meta.get("step") or state["num_tokens"] != wm.num_tokens:
+            raise UserError(f"{ckpt_path} was trained for another world model; start without --resume")
+        a2l.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, last_val = state["step"], json.loads(state["last_val"])
+        print(f"resumed at step {step}")
+    sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    logger = MetricLogger(out_dir / "train" / "action_to_latent", f"neural-atari-action-to-latent-{cfg.game}",
+                          dataclasses.asdict(cfg), mode=cfg.wandb, resume=cfg.resume)
+    meta = {"kind": "action_to_latent", "game": cfg.game, "hparams": a2l.hparams, "temperature": cfg.temperature,
+            "action_names": names, "config": dataclasses.asdict(cfg)}
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"kind": "action_to_latent_train", "config": dataclasses.asdict(cfg),
+                                    "model": a2l.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                    "step": step, "last_val": json.dumps(last_val), "world_model": wm_meta.get("step"),
+                                    "num_tokens": wm.num_tokens})
+        save_weights(out_dir / "action_to_latent.safetensors", a2l, {**meta, "step": step, "validation": last_val})
+
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        while step < cfg.steps:
+            for items in loader:
+                ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
+                logits = a2l(act, ctx if cfg.model == "v2" else None)
+                loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                if step % 25 == 0:
+                    acc = (logits.argmax(-1) == codes).all(1).float().mean().item()
+                    logger.log({"loss": loss.item(), "train_latent_acc": acc}, step)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    last_val = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent")
+                    last_val["train_minutes"] = round((time.time() - t0) / 60, 1)
+                    logger.log(last_val, step)
+                    tqdm.write(f"step {step}: latent_acc {last_val['latent_acc']:.3f}, token_acc {last_val['token_acc']:.3f}, "
+                               f"motion_psnr@1 predicted {last_val['motion_psnr@1_predicted_latent']:.2f} / encoder "
+                               f"{last_val['motion_psnr@1_encoder_latent']:.2f} / copy-last {last_val['copy_last_motion_psnr@1']:.2f}")
+                    checkpoint()
+                if step >= cfg.steps:
+                    break
+    except KeyboardInterrupt:
+        tqdm.write("interrupted: saving a checkpoint; continue with --resume")
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    save_json(out_dir / f"action_to_latent_{cfg.model}_metrics.json", {**last_val, "step": step, "config": dataclasses.asdict(cfg)})
+    logger.finish()
+    print(f"done: {out_dir / 'action_to_latent.safetensors'}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,271 @@
+"""Stage 3: learn discrete latent actions (VQ-VAE) whose decoder is the world model.
+
+    python train_latent_action.py --game breakout --preset quick     # 2 CPU cores, <= 30 min
+    python train_latent_action.py --game breakout --preset full      # GPU: AMP (+ --compile)
+    python train_latent_action.py --resume
+
+Writes checkpoints/<game>/world_model.safetensors (weights + palette + hyperparameters), a resumable
+checkpoints/<game>/train/world_model.pt, metrics.csv and validation grids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import atari_env
+import gameplay_data as gd
+import metrics as wm_metrics
+from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
+                    save_checkpoint, save_json, strip_compile_prefix)
+from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
+from models.world_model import LatentActionModel, Palette, save_weights
+
+PRESETS = {
+    "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
+    "full": dict(steps=60000, batch_size=128, val_every=2000, lr=5e-4, amp=True, width=128, depth=4,
+                 cache_episodes=256),
+}
+
+
+@dataclass
+class Config:
+    """VQ-VAE latent action model: encoder (frames t-k+1..t+1 -> latent), decoder = world model."""
+    game: str = arg("breakout", "game", choices=list(atari_env.GAMES))
+    data_dir: str = arg("", "recorded episodes (default data/<game>)")
+    out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
+    preset: str = arg("", "set by --preset")
+    context: int = arg(2, "history frames k the decoder sees (>= 2 so the ball's velocity is visible)")
+    width: int = arg(96, "decoder channels on the 27x20 grid")
+    depth: int = arg(3, "decoder residual blocks")
+    embed_dim: int = arg(4, "per-pixel colour embedding size")
+    head_hidden: int = arg(192, "hidden size of the per-cell output head")
+    enc_width: int = arg(64, "encoder channels")
+    enc_depth: int = arg(2, "encoder residual blocks")
+    num_tokens: int = arg(1, "latent tokens per transition")
+    codebook_size: int = arg(8, "codes per token")
+    code_dim: int = arg(32, "code vector size")
+    max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
+    motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
+    steps: int = arg(3000, "optimiser steps")
+    batch_size: int = arg(32, "batch size")
+    lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
+    weight_decay: float = arg(1e-4, "AdamW weight decay")
+    val_percent: float = arg(10.0, "percent of episodes held out (split by episode)")
+    val_every: int = arg(500, "steps between validations (and checkpoints)")
+    val_samples: int = arg(512, "held-out transitions per validation")
+    rollout_starts: int = arg(16, "held-out start points for the teacher-forced multi-step check")
+    cache_episodes: int = arg(48, "decoded episodes kept in RAM (as palette indices)")
+    amp: bool = arg(False, "bfloat16 autocast (GPU)")
+    compile: bool = arg(False, "torch.compile the model (checkpoints are saved without _orig_mod.)")
+    device: str = arg("auto", "auto, cuda, mps or cpu")
+    threads: int = arg(2, "torch CPU threads")
+    seed: int = arg(0, "random seed")
+    resume: bool = arg(False, "continue from <out_dir>/train/world_model.pt")
+    wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
+
+
+def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
+    frames = []
+    for f in files[:64]:
+        fr = gd.load_episode(f, keys=("frames", "actions"))["frames"]
+        frames.append(fr[np.linspace(0, len(fr) - 1, min(per_episode, len(fr))).astype(int)])
+    return Palette.fit(np.concatenate(frames), max_colors)
+
+
+def to_batch(items: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return items["context"].to(device), items["next"].to(device), items["action"].to(device)
+
+
+@torch.no_grad()
+def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows, cfg: Config, device,
+             grid_path: Path) -> dict:
+    """psnr@1 / motion_psnr@1 with the encoder's latent vs copy-last, on held-out episodes."""
+    model.eval()
+    pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
+    acc = {k: wm_metrics.PSNRAccumulator() for k in ("psnr", "copy", "motion", "motion_copy")}
+    codes_seen = Counter()
+    colors = torch.as_tensor(palette.colors, device=device)
+    shown = None
+    for b in range(0, len(pick), 64):
+        items = [val[i] for i in pick[b:b + 64]]
+        ctx = torch.stack([it["context"] for it in items]).to(device)
+        nxt = torch.stack([it["next"] for it in items]).to(device)
+        q, codes, _ = model.encode(ctx, nxt)
+        codes_seen.update(codes.flatten().tolist())
+        pred = model.predict_next(ctx, codes)
+        real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
+        mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
+        acc["psnr"].add(pred_rgb, real_rgb)
+        acc["copy"].add(last_rgb, real_rgb)
+        acc["motion"].add(pred_rgb, real_rgb, mask)
+        acc["motion_copy"].add(last_rgb, real_rgb, mask)
+        if shown is None:   # the grid shows the transitions with the most motion
+            order = mask.sum((1, 2)).argsort(descending=True)[:4].cpu().numpy()
+            shown = (last_rgb[order].cpu().numpy(), real_rgb[order].cpu().numpy(), pred_rgb[order].cpu().numpy())
+    wm_metrics.error_grid(*shown, grid_path)
+    tf = teacher_forced_psnr(model, val, cfg, colors, device)
+    model.train()
+    return {"psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
+            "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
+            "val_codes_used": len(codes_seen), **tf}
+
+
+@torch.no_grad()
+def teacher_forced_psnr(model: LatentActionModel, val: gd.GameplayWindows, cfg: Config, colors, device,
+                        horizons=(1, 4, 16, 32)) -> dict:
+    """Decoder rolled forward on its own uint8 outputs, with the encoder's latents from the real frames."""
+    H, k = max(horizons), model.context
+    starts = []
+    for e, n in enumerate(val.lengths):
+        starts += [(e, s) for s in range(k - 1, n - H, max(1, (n - H) // 2))]
+    if not starts:
+        return {}
+    rng = np.random.default_rng(0)
+    starts = [starts[i] for i in rng.choice(len(starts), min(cfg.rollout_starts, len(starts)), replace=False)]
+    real = torch.stack([torch.as_tensor(val.episode(e)["frames"][s - k + 1:s + H + 1]) for e, s in starts]).to(device)
+    ctx = real[:, :k].clone()
+    acc = {t: (wm_metrics.PSNRAccumulator(), wm_metrics.PSNRAccumulator()) for t in horizons}
+    for t in range(1, H + 1):
+        _, codes, _ = model.encode(real[:, t - 1:t - 1 + k], real[:, t - 1 + k])
+        pred = model.predict_next(ctx, codes)
+        ctx = torch.cat([ctx[:, 1:], pred[:, None]], 1)
+        if t in acc:
+            truth = colors[real[:, t - 1 + k].long()]
+            acc[t][0].add(colors[pred.long()], truth)
+            acc[t][1].add(colors[real[:, k - 1].long()], truth)
+    out = {}
+    for t, (m, c) in acc.items():
+        out[f"tf_psnr@{t}"], out[f"tf_copy_last_psnr@{t}"] = m.psnr, c.psnr
+    return out
+
+
+def main(argv=None) -> None:
+    cfg = parse_config(Config, argv, presets=PRESETS)
+    atari_env.game_spec(cfg.game)
+    if cfg.context < 2:
+        raise UserError("--context must be >= 2 (one frame cannot show the ball's velocity)")
+    data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
+    out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
+    ckpt_path = out_dir / "train" / "world_model.pt"
+    torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    manifest = gd.read_manifest(data_dir)
+    if manifest and manifest.get("game") != cfg.game:
+        raise UserError(f"{data_dir} holds {manifest.get('game')!r} episodes, not {cfg.game!r}")
+    train_files = gd.split_episodes(data_dir, "train", cfg.val_percent)
+    val_files = gd.split_episodes(data_dir, "val", cfg.val_percent)
+    if not train_files:
+        raise UserError(f"need at least 2 episodes in {data_dir} (one is held out)")
+
+    state = None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path, "world_model_train", expect={"game": cfg.game, "context": cfg.context,
+                                                                          "num_tokens": cfg.num_tokens,
+                                                                          "codebook_size": cfg.codebook_size})
+        palette = Palette(state["palette"].numpy())
+    else:
+        palette = fit_palette(train_files, cfg.max_colors)
+    print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
+    model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
+                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden).to(device)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
+    step, best = 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, best = state["step"], json.loads(state["last_val"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed at step {step}")
+    fwd = torch.compile(model) if cfg.compile else model
+
+    to_index = palette.to_index
+    train = gd.GameplayWindows(train_files, cfg.context, cfg.cache_episodes, frame_transform=to_index)
+    val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index)
+    sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
+    sampler.epoch = step // max(1, len(train) // cfg.batch_size)
+    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    logger = MetricLogger(out_dir / "train" / "world_model", f"neural-atari-world-model-{cfg.game}",
+                          dataclasses.asdict(cfg), mode=cfg.wandb, resume=cfg.resume)
+    meta = {"kind": "world_model", "game": cfg.game, "hparams": model.hparams, "palette": palette.colors.tolist(),
+            "train_episodes": len(train_files), "train_transitions": len(train), "config": dataclasses.asdict(cfg)}
+
+    def checkpoint(last_val: dict):
+        save_checkpoint(ckpt_path, {"kind": "world_model_train", "config": dataclasses.asdict(cfg),
+                                    "model": strip_compile_prefix(model.state_dict()), "opt": opt.state_dict(),
+                                    "sched": sched.state_dict(), "step": step, "palette": torch.as_tensor(palette.colors),
+                                    "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state()})
+        save_weights(out_dir / "world_model.safetensors", model, {**meta, "step": step, "validation": last_val})
+        if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
+            save_start_frames(out_dir / START_FRAMES, real_start_frames(cfg.game, cfg.context, 8))
+
+    usage = deque(maxlen=50)   # codebook usage over a window of batches, not one batch (GUIDE §4)
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
+    t0, last_val = time.time(), best
+    model.train()
+    try:
+        while step < cfg.steps:
+            for items in loader:
+                ctx, nxt, _ = to_batch(items, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                    cells, codes, commit = fwd(ctx, nxt)
+                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)
+                loss = recon + commit.sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                usage.append(np.bincount(codes.flatten().cpu().numpy(), minlength=cfg.codebook_size))
+                bar.update(1)
+                if step % 25 == 0:
+                    counts = np.sum(usage, 0)
+                    p = counts / counts.sum()
+                    perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+                    logger.log({"loss": loss.item(), "recon": recon.item(), "commit": commit.sum().item(),
+                                "codes_used": int((counts > 0).sum()), "perplexity": perplexity,
+                                "lr": sched.get_last_lr()[0]}, step)
+                    bar.set_postfix(loss=f"{recon.item():.4f}", codes=int((counts > 0).sum()), ppl=f"{perplexity:.1f}")
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    grid = out_dir / "train" / "world_model" / f"val_grid_{step:06d}.png"
+                    last_val = validate(model, palette, val, cfg, device, grid)
+                    last_val["train_minutes"] = round((time.time() - t0) / 60, 1)
+                    logger.log(last_val, step)
+                    logger.log_image("val_grid", grid, step)
+                    tqdm.write(f"step {step}: psnr@1 {last_val['psnr@1']:.2f} (copy-last {last_val['copy_last_psnr@1']:.2f}), "
+                               f"motion_psnr@1 {last_val['motion_psnr@1']:.2f} (copy-last {last_val['copy_last_motion_psnr@1']:.2f}), "
+                               f"tf_psnr@16 {last_val.get('tf_psnr@16', float('nan')):.2f} "
+                               f"(copy-last {last_val.get('tf_copy_last_psnr@16', float('nan')):.2f})")
+                    checkpoint(last_val)
+                if step >= cfg.steps:
+                    break
+    except KeyboardInterrupt:
+        tqdm.write("interrupted: saving a checkpoint; continue with --resume")
+        checkpoint(last_val)
+        raise
+    finally:
+        bar.close()
+    save_json(out_dir / "world_model_metrics.json", {**last_val, "step": step, "device": str(device),
+                                                     "config": dataclasses.asdict(cfg)})
+    logger.finish()
+    print(f"done: {out_dir / 'world_model.safetensors'}")
+
+
+if __name__ == "__main__":
+    run_main(main)
