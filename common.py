@@ -20,7 +20,16 @@ class UserError(Exception):
 
 
 def run_main(main_fn) -> None:
-    """Run a script's main(); turn UserError (and Ctrl-C) into a clean one-line exit."""
+    """Run a script's main(); turn UserError (and Ctrl-C) into a clean one-line exit.
+
+    SIGTERM and SIGINT both raise KeyboardInterrupt, so `kill` checkpoints like Ctrl-C does (a
+    background job started from a script has SIGINT ignored, which would otherwise lose work)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         main_fn()
     except UserError as e:

@@ -81,7 +81,7 @@ def split_episodes(root: str | Path, split: str, val_percent: float = 10.0) -> l
     if split == "all":
         return files
     val = [f for f in files if is_validation(f, val_percent)]
-    if not val and split == "val":   # tiny datasets: always hold out at least one episode
+    if not val and len(files) > 1:   # tiny datasets: always hold out at least one episode
         val = files[-1:]
     return val if split == "val" else [f for f in files if f not in val]
 

@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size,
                          cfg.width, cfg.depth).to(device)
     opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
     if cfg.resume:
         state = load_checkpoint(ckpt_path, "action_to_latent_train",

@@ -250,6 +250,7 @@ def main(argv=None) -> None:
     next_ckpt = (step // cfg.checkpoint_interval + 1) * cfg.checkpoint_interval
     next_sync = step + cfg.target_update
     update_debt = 0.0
+    learn_t0 = learn_s0 = None          # throughput once learning runs (benchmarks/dqn_throughput.py)
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.05)
     t0, s0 = time.time(), step
     try:
@@ -260,6 +261,8 @@ def main(argv=None) -> None:
             actions = tracker.override(agent.act(obs, eps, tau, rng))
             env.send(actions)   # the envs step in C++ threads while we learn below
             if step >= refill_until:
+                if learn_t0 is None:
+                    learn_t0, learn_s0 = time.time(), step
                 update_debt += cfg.num_envs / cfg.train_frequency
                 while update_debt >= 1:
                     beta = linear_schedule(cfg.per_beta_start, 1.0, cfg.total_steps, cfg.total_steps - step)
@@ -270,7 +273,9 @@ def main(argv=None) -> None:
                     update_debt -= 1
                     if updates % 500 == 0:
                         logger.log({**metrics, "epsilon": eps, "temperature": tau,
-                                    "sps": (step - s0) / (time.time() - t0)}, step)
+                                    "sps": (step - s0) / (time.time() - t0),
+                                    "learning_sps": (step - learn_s0) / max(time.time() - learn_t0, 1e-9),
+                                    "updates_per_s": (step - learn_s0) / cfg.train_frequency / max(time.time() - learn_t0, 1e-9)}, step)
             next_obs, rew, term, trunc, info = env.recv()
             ended = term | trunc
             life_lost, finished = tracker.update(info["lives"], rew, ended, counted=~reset_step)

@@ -138,7 +138,8 @@ class FrameReplay:
     def _sampleable_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows whose n-step future is written and whose look-back frames are not overwritten."""
         age = (self.ptr - 1 - rows) % self.rows          # 0 = newest row
-        return (age >= self.n_step) & (age < self.filled - STACK)
+        oldest_ok = self.filled if self.filled < self.rows else self.rows - STACK   # after wrap-around
+        return (age >= self.n_step) & (age < oldest_ok)
 
     def _stack(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         idx = (rows[:, None] + np.arange(-STACK + 1, 1)[None, :]) % self.rows   # (B, 4) oldest..newest

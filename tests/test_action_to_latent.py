@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gameplay_data as gd
+from common import UserError
+from conftest import run_script
+from models.world_model import load_action_to_latent, load_world_model, read_weights, save_weights
+
+
+def test_v2_reports_accuracy_and_psnr_on_held_out_episodes(tiny_models):
+    report = json.loads((tiny_models / "action_to_latent_v2_metrics.json").read_text())
+    for key in ("token_acc", "latent_acc", "psnr@1_predicted_latent", "psnr@1_encoder_latent",
+                "copy_last_psnr@1", "motion_psnr@1_predicted_latent", "motion_psnr@1_encoder_latent"):
+        assert np.isfinite(report[key])
+    assert 0 <= report["latent_acc"] <= 1
+    assert (tiny_models / "train" / "action_to_latent" / "action_to_latent_confusion.png").exists()
+
+
+def test_split_is_by_episode(tiny_data):
+    train, val = gd.split_episodes(tiny_data, "train"), gd.split_episodes(tiny_data, "val")
+    assert not {f.stem for f in train} & {f.stem for f in val}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_trains_end_to_end_and_resumes(tiny_data, tiny_models, tmp_path, version):
+    args = ["--data-dir", tiny_data, "--world-model", tiny_models / "world_model.safetensors", "--out-dir", tmp_path,
+            "--model", version, "--width", 8, "--depth", 1, "--batch-size", 8, "--val-samples", 32,
+            "--val-every", 10, "--threads", 1, "--wandb", "disabled"]
+    run_script("train_action_to_latent.py", *args, "--steps", 10)
+    out = run_script("train_action_to_latent.py", *args, "--steps", 20, "--resume")
+    assert "resumed at step 10" in out.stdout
+    _, meta = read_weights(tmp_path / "action_to_latent.safetensors", "action_to_latent")
+    assert meta["hparams"]["version"] == version and meta["step"] == 20
+
+
+def test_weights_for_another_game_or_latent_shape_are_refused(tiny_models, tmp_path):
+    wm, _, wm_meta = load_world_model(tiny_models / "world_model.safetensors")
+    a2l, meta = load_action_to_latent(tiny_models / "action_to_latent.safetensors", wm_meta)
+    save_weights(tmp_path / "pong.safetensors", a2l, {**meta, "game": "pong"})
+    with pytest.raises(UserError, match="'pong'"):
+        load_action_to_latent(tmp_path / "pong.safetensors", wm_meta)
+    other = {**wm_meta, "hparams": {**wm_meta["hparams"], "codebook_size": 99}}
+    with pytest.raises(UserError, match="x99"):
+        load_action_to_latent(tiny_models / "action_to_latent.safetensors", other)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="corrupt"):
+        load_action_to_latent(tmp_path / "junk.safetensors", wm_meta)
+
+
+def test_sampling_argmax_and_temperature(tiny_models):
+    _, _, wm_meta = load_world_model(tiny_models / "world_model.safetensors")
+    a2l, _ = load_action_to_latent(tiny_models / "action_to_latent.safetensors", wm_meta)
+    ctx = torch.zeros(64, 2, 210, 160, dtype=torch.uint8)
+    act = torch.full((64,), 2)
+    greedy = a2l.sample(act, ctx)
+    assert (greedy == a2l(act, ctx).argmax(-1)).all()
+    g = torch.Generator().manual_seed(0)
+    hot = a2l.sample(act, ctx, temperature=100.0, generator=g)
+    assert hot.unique().numel() > 1

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+import atari_env
+from common import UserError
+
+EXPECTED_ACTIONS = {
+    "breakout": ["NOOP", "FIRE", "RIGHT", "LEFT"],
+    "pong": ["NOOP", "FIRE", "RIGHT", "LEFT", "RIGHTFIRE", "LEFTFIRE"],
+    "enduro": ["NOOP", "FIRE", "RIGHT", "LEFT", "DOWN", "DOWNRIGHT", "DOWNLEFT", "RIGHTFIRE", "LEFTFIRE"],
+    "mspacman": ["NOOP", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT"],
+}
+
+
+@pytest.mark.parametrize("game", list(atari_env.GAMES))
+def test_every_game_has_documented_views(game):
+    env = atari_env.make_world_model_env(game)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (210, 160, 3) and obs.dtype == np.uint8
+    assert env.unwrapped._frameskip == 4 and env.unwrapped.ale.getFloat("repeat_action_probability") == 0.0
+    assert atari_env.action_names(game) == EXPECTED_ACTIONS[game]
+    agent = atari_env.make_agent_env(game)
+    stack, _ = agent.reset(seed=0)
+    assert stack.shape == (4, 84, 84) and stack.dtype == np.uint8
+    vec = atari_env.make_agent_vector_env(game, num_envs=2)
+    vobs, info = vec.reset(seed=0)
+    assert vobs.shape == (2, 4, 84, 84) and "lives" in info
+    assert vec.single_action_space.n == len(EXPECTED_ACTIONS[game])
+    vec.close()
+
+
+def test_unknown_game_lists_valid_names():
+    with pytest.raises(UserError, match="breakout, pong, enduro, mspacman"):
+        atari_env.make_world_model_env("pacman")
+
+
+def test_agent_frame_is_the_world_model_frame():
+    """The recorder's agent env (frameskip 1 x 4) shows exactly the world-model view's frames."""
+    agent = atari_env.make_agent_env("breakout", noop_max=0)
+    world = atari_env.make_world_model_env("breakout")
+    agent.reset(seed=3)
+    obs, _ = world.reset(seed=3)
+    assert np.array_equal(agent.unwrapped.ale.getScreenRGB(), obs)
+    for a in [1, 2, 2, 3, 0, 1, 3, 3] * 5:
+        agent.step(a)
+        obs, *_ = world.step(a)
+        assert np.array_equal(agent.unwrapped.ale.getScreenRGB(), obs)
+
+
+def test_life_tracker_fires_after_a_lost_life_and_reports_true_score():
+    tr = atari_env.LifeTracker(2, fire_action=1)
+    tr.update(np.array([5, 5]), np.array([0.0, 0.0]), np.array([False, False]))
+    lost, done = tr.update(np.array([4, 5]), np.array([4.0, 1.0]), np.array([False, False]))
+    assert lost.tolist() == [True, False] and done == []
+    assert tr.override(np.array([3, 3])).tolist() == [1, 3]
+    lost, done = tr.update(np.array([4, 0]), np.array([0.0, 7.0]), np.array([False, True]))
+    assert done == [(1, 8.0, 3)] and not lost.any()

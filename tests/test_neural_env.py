@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import atari_env
+import metrics
+from common import UserError
+from conftest import run_script
+
+
+def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
+    env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
+    check_env(env, skip_render_check=True)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (210, 160, 3) and obs.dtype == np.uint8 and env.unwrapped.context_length == 2
+    frames = np.zeros((2, 210, 160, 3), np.uint8)
+    frames[-1, 0, 0] = (142, 142, 142)
+    obs, _ = env.reset(options={"frames": frames})
+    assert np.array_equal(obs, frames[-1])
+    nxt, reward, term, trunc, info = env.step(2)
+    assert nxt.shape == (210, 160, 3) and "latent" in info
+    with pytest.raises(UserError, match=r"\(2, 210, 160, 3\)"):
+        env.reset(options={"frames": np.zeros((210, 160, 3), np.uint8)})
+    with pytest.raises(UserError, match="NOOP, FIRE, RIGHT, LEFT"):
+        env.step(9)
+
+
+def test_registered_with_gymnasium(tiny_models):
+    import gymnasium as gym
+    env = gym.make("NeuralAtari/Breakout-v0", checkpoint_dir=tiny_models, device="cpu")
+    obs, _ = env.reset(seed=1)
+    assert env.observation_space.contains(obs)
+
+
+def test_headless_play_loop_runs_scripted_keys_and_records(tiny_models, tmp_path):
+    out = tmp_path / "play.mp4"
+    p = run_script("play_neural_breakout.py", "--headless", "--script", "FRRRLLL..R", "--checkpoint-dir",
+                   tiny_models, "--record", out, "--fps", 0, "--side-by-side", "--device", "cpu")
+    assert "recorded 10 steps" in p.stdout and out.stat().st_size > 1000
+    bad = run_script("play_neural_breakout.py", "--headless", "--script", "XYZ", "--checkpoint-dir", tiny_models,
+                     check=False)
+    assert bad.returncode == 2 and "--script" in bad.stderr
+
+
+def test_random_game_gif(tiny_models, tmp_path):
+    out = tmp_path / "game.gif"
+    run_script("neural_random_game.py", "--checkpoint-dir", tiny_models, "--steps", 12, "--compare", "--out", out)
+    import imageio.v3 as iio
+    frames = iio.imread(out)
+    assert frames.shape[0] == 12 and frames.shape[2] == 2 * (160 * 2) + 8
+
+
+def test_detector_matches_ram_on_real_frames():
+    """Paddle left edge = RAM[72] - 47, ball top/left = RAM[101] + 9 / RAM[99] - 49 (Breakout)."""
+    env = atari_env.make_world_model_env("breakout")
+    obs, _ = env.reset(seed=1)
+    rng = np.random.default_rng(0)
+    paddles = balls = 0
+    for t in range(400):
+        obs, *_, term, trunc, _ = env.step(1 if t % 40 == 0 else int(rng.integers(4)))
+        ram = env.unwrapped.ale.getRAM()
+        pl = metrics.paddle_left(obs)
+        assert pl is not None and pl == int(ram[72]) - 47
+        paddles += 1
+        ball = metrics.ball_position(obs)
+        if ball is not None and 93 <= int(ram[101]) + 9 <= 185:
+            assert ball == (int(ram[101]) + 9, int(ram[99]) - 49)
+            balls += 1
+        if term:
+            break
+    assert paddles > 100 and balls > 20
+
+
+def test_object_errors_and_off_palette():
+    a = np.zeros((1, 210, 160, 3), np.uint8)
+    a[0, 189:193, 40:56] = metrics.BREAKOUT_RED
+    b = a.copy()
+    b[0, 189:193, 40:56] = 0
+    b[0, 189:193, 46:62] = metrics.BREAKOUT_RED
+    r = metrics.object_errors(b, a)
+    assert r["paddle_err_px"] == 6 and r["ball_presence_agree"] == 1.0
+    b[0, 120:124, 80:82] = metrics.BREAKOUT_RED
+    assert metrics.object_errors(b, a)["ball_presence_agree"] == 0.0
+    noisy = a.copy()
+    noisy[0, :21] = (90, 10, 250)
+    assert metrics.off_palette_fraction(noisy, np.array([[0, 0, 0], [200, 72, 72]])) == pytest.approx(0.1)
+
+
+def test_evaluation_end_to_end(tiny_data, tiny_models, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- eval:begin -->\nold\n<!-- eval:end -->\ny\n")
+    run_script("evaluate_world_model.py", "--data-dir", tiny_data, "--checkpoint-dir", tiny_models, "--out-dir",
+               tmp_path, "--starts", 3, "--horizon", 8, "--object-steps", 8, "--random-steps", 10,
+               "--latent-samples", 128, "--sps-steps", 10, "--threads", 1, "--readme", readme)
+    r = json.loads((tmp_path / "report.json").read_text())
+    for key in ("psnr@1", "psnr@4", "copy_last_psnr@1", "delta_psnr@4", "paddle_err_px", "ball_presence_agree",
+                "off_palette", "latent_acc", "play_sps"):
+        assert key in r
+    assert r["emulator_replay_mismatched_frames"] == 0      # the recording replays exactly in the emulator
+    assert (tmp_path / "psnr_vs_horizon.png").exists()
+    text = readme.read_text()
+    assert "old" not in text and "| psnr@1" in text and text.endswith("y\n")

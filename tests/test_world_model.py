@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+
+import gameplay_data as gd
+from common import UserError
+from conftest import TINY_WM, run_script
+from models.world_model import (LatentActionModel, Palette, apply_change, change_target, from_cells,
+                                load_world_model, motion_weights, save_weights, to_cells)
+
+
+def tiny_model(**kw):
+    return LatentActionModel(num_colors=6, context=2, width=16, depth=1, enc_width=16, enc_depth=1,
+                             codebook_size=4, code_dim=8, head_hidden=32, **kw)
+
+
+def test_shapes_value_ranges_and_copy_start():
+    torch.manual_seed(0)
+    m = tiny_model().eval()
+    ctx = torch.randint(0, 6, (3, 2, 210, 160), dtype=torch.uint8)
+    nxt = torch.randint(0, 6, (3, 210, 160), dtype=torch.uint8)
+    cells, codes, commit = m(ctx, nxt)
+    assert cells.shape == (3, 540, 7, 64) and codes.shape == (3, 1) and commit.numel() == 1
+    assert codes.min() >= 0 and codes.max() < 4
+    pred = m.predict_next(ctx, codes)
+    assert pred.shape == (3, 210, 160) and pred.dtype == torch.uint8 and pred.max() < 6
+    # an untrained decoder starts as "copy the last frame" (the strong baseline)
+    assert (pred == ctx[:, -1]).float().mean() > 0.99
+
+
+def test_cell_layout_round_trip_and_change_classes():
+    img = torch.randint(0, 250, (2, 210, 160), dtype=torch.uint8)
+    assert torch.equal(from_cells(to_cells(img)), img)
+    last = torch.tensor([[1, 2, 3]], dtype=torch.uint8)
+    nxt = torch.tensor([[1, 5, 0]], dtype=torch.uint8)
+    target = change_target(last, nxt)
+    assert target.tolist() == [[0, 6, 1]]
+    assert torch.equal(apply_change(last, target), nxt)
+
+
+def test_motion_weight_is_larger_exactly_where_frames_change():
+    last = torch.zeros(1, 210, 160, dtype=torch.uint8)
+    nxt = last.clone()
+    nxt[0, 100:104, 50:52] = 3     # the ball appears
+    w = motion_weights(last, nxt, 10.0)
+    assert torch.all(w[0, 100:104, 50:52] == 11.0)
+    assert (w == 11.0).sum() == 8 and torch.all(w[w != 11.0] == 1.0)
+
+
+def test_palette_maps_rgb_exactly_and_unseen_colours_to_nearest():
+    frames = np.zeros((2, 210, 160, 3), np.uint8)
+    frames[:, :10] = (200, 72, 72)
+    frames[1, 50:60] = (142, 142, 142)
+    pal = Palette.fit(frames)
+    assert len(pal) == 3 and tuple(pal.colors[0]) == (0, 0, 0)   # most frequent first
+    idx = pal.to_index(frames)
+    assert np.array_equal(pal.to_rgb(idx), frames)
+    odd = np.array([[[198, 70, 75]]], np.uint8)
+    assert tuple(pal.to_rgb(pal.to_index(odd))[0, 0]) == (200, 72, 72)
+
+
+def test_compiled_model_checkpoint_loads(tmp_path):
+    m = tiny_model()
+    compiled = torch.compile(m)             # wraps without compiling until first call
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    meta = {"kind": "world_model", "game": "breakout", "hparams": m.hparams,
+            "palette": np.zeros((6, 3), np.uint8).tolist()}
+    save_weights(tmp_path / "wm.safetensors", compiled, meta)
+    loaded, palette, _ = load_world_model(tmp_path / "wm.safetensors", "breakout")
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    with pytest.raises(UserError, match="not 'pong'"):
+        load_world_model(tmp_path / "wm.safetensors", "pong")
+
+
+def test_trained_codebook_uses_several_codes_and_metrics_are_reported(tiny_models):
+    import json
+    report = json.loads((tiny_models / "world_model_metrics.json").read_text())
+    for key in ("psnr@1", "copy_last_psnr@1", "motion_psnr@1", "copy_last_motion_psnr@1", "tf_psnr@16"):
+        assert np.isfinite(report[key])
+    assert report["val_codes_used"] > 1
+    assert list((tiny_models / "train" / "world_model").glob("val_grid_*.png"))
+
+
+def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
+    """Pairs store, for action t, the latent of the transition frame t -> frame t+1."""
+    from collect_action_latent_pairs import encode_episode, load_pairs
+    model, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
+    f = gd.list_episodes(tiny_data)[0]
+    pairs = load_pairs(tiny_data, [f], tiny_models / "world_model.safetensors")[f.stem]
+    ep = gd.load_episode(f)
+    assert np.array_equal(pairs["actions"], ep["actions"])
+    idx = torch.from_numpy(palette.to_index(ep["frames"]))
+    for t in (0, 1, 7, len(ep["actions"]) - 1):
+        ctx = idx[[max(t - 1, 0), t]][None]
+        _, right, _ = model.encode(ctx, idx[t + 1][None])
+        assert pairs["codes"][t].tolist() == right[0].tolist()
+    again = encode_episode(model, palette, f, 16, "cpu")
+    assert np.array_equal(again["codes"], pairs["codes"])
+
+
+def test_world_model_training_resumes(tiny_data, tmp_path):
+    run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 10,
+               "--val-every", 10, *TINY_WM)
+    out = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 20,
+                     "--val-every", 10, "--resume", *TINY_WM)
+    assert "resumed at step 10" in out.stdout
+    state = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)
+    assert state["step"] == 20
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 30,
+                     "--resume", *TINY_WM[:-6], "--codebook-size", "16", "--threads", 1, "--wandb", "disabled",
+                     check=False)
+    assert bad.returncode == 2 and "codebook_size" in bad.stderr
