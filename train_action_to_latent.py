@@ -29,7 +29,7 @@ from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config,
                     save_checkpoint, save_json)
 from models.world_model import ActionToLatent, load_world_model, save_weights
 
-PRESETS = {"quick": dict(steps=1500, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
+PRESETS = {"quick": dict(steps=800, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Config:
     preset: str = arg("", "set by --preset")
     width: int = arg(48, "v2 frame-encoder channels")
     depth: int = arg(2, "v2 frame-encoder residual blocks")
-    steps: int = arg(1500, "optimiser steps")
+    steps: int = arg(800, "optimiser steps")
     batch_size: int = arg(64, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay)")
     temperature: float = arg(0.0, "default sampling temperature stored with the weights (0 = argmax)")

@@ -46,10 +46,11 @@ def test_headless_play_loop_runs_scripted_keys_and_records(tiny_models, tmp_path
 
 def test_random_game_gif(tiny_models, tmp_path):
     out = tmp_path / "game.gif"
-    run_script("neural_random_game.py", "--checkpoint-dir", tiny_models, "--steps", 12, "--compare", "--out", out)
+    p = run_script("neural_random_game.py", "--checkpoint-dir", tiny_models, "--steps", 12, "--compare", "--out", out)
+    assert "wrote 12 frames" in p.stdout
     import imageio.v3 as iio
-    frames = iio.imread(out)
-    assert frames.shape[0] == 12 and frames.shape[2] == 2 * (160 * 2) + 8
+    frames = iio.imread(out)   # GIF writers merge identical consecutive frames, so count <= 12
+    assert 1 <= frames.shape[0] <= 12 and frames.shape[1:] == (420, 2 * (160 * 2) + 8, 3)
 
 
 def test_detector_matches_ram_on_real_frames():

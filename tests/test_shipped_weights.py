@@ -1,29 +1,31 @@
-"""The weights committed in checkpoints/breakout must load and keep the paddle under control."""
+"""The weights committed in checkpoints/breakout must load through make_neural_env and keep the paddle
+under control: driven by the same keys from the same real frames, the dream's paddle follows the real
+emulator's (LEFT moves it left, RIGHT right) within a few pixels, away from the walls."""
 import numpy as np
+import pytest
 
 import atari_env
 import metrics
+from play_neural_breakout import RealTwin
+
+NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 
 
-def paddle_after(env, seed, action, steps=6):
-    env.reset(seed=seed)
-    for _ in range(steps):
-        frame, *_ = env.step(action)
-    return metrics.paddle_left(frame)
-
-
-def test_shipped_breakout_model_moves_the_paddle_as_told():
+@pytest.mark.parametrize("keys", [[LEFT, LEFT, RIGHT, RIGHT, RIGHT], [RIGHT, LEFT, LEFT, LEFT, RIGHT]])
+def test_shipped_breakout_model_moves_the_paddle_as_told(keys):
     env = atari_env.make_neural_env("breakout", device="cpu")
-    names = env.unwrapped.action_names
-    left, right, noop = names.index("LEFT"), names.index("RIGHT"), names.index("NOOP")
-    moved = 0
-    for seed in range(4):
-        start = paddle_after(env, seed, noop, steps=1)
-        l, r = paddle_after(env, seed, left), paddle_after(env, seed, right)
-        assert start is not None and l is not None and r is not None, "the paddle vanished"
-        assert l <= start and r >= start, f"seed {seed}: start {start}, after LEFT {l}, after RIGHT {r}"
-        moved += (l < start) + (r > start)
-    assert moved >= 6, "LEFT/RIGHT barely move the paddle"
+    assert env.unwrapped.action_names[RIGHT] == "RIGHT" and env.unwrapped.action_names[LEFT] == "LEFT"
+    real = RealTwin("breakout", env.unwrapped.context_length)
+    env.reset(options={"frames": real.reset(seed=0)})
+    prev_model = prev_real = metrics.paddle_left(real.frame)
+    for key in keys:
+        model_x = metrics.paddle_left(env.step(key)[0])
+        real_x = metrics.paddle_left(real.step(key))
+        assert model_x is not None, "the paddle vanished from the dream"
+        assert abs(model_x - real_x) <= 6, f"dream paddle at {model_x}, real at {real_x}"
+        if abs(real_x - prev_real) >= 4:   # the real paddle clearly moved: the dream's moved the same way
+            assert np.sign(model_x - prev_model) == np.sign(real_x - prev_real)
+        prev_model, prev_real = model_x, real_x
 
 
 def test_shipped_model_stays_on_the_palette():
