@@ -11,7 +11,6 @@ start and is driven through make_neural_env with the same actions (or uniformly 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -59,7 +59,7 @@ def done(path: Path, key: str, at_least: int) -> bool:
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv, presets=PRESETS)
     atari_env.game_spec(cfg.game)
-    ckpt, data = Path("checkpoints") / cfg.game, Path("data") / cfg.game
+    ckpt = Path("checkpoints") / cfg.game
     times: dict[str, float] = {}
     w = ["--wandb", cfg.wandb]
 
