@@ -118,6 +118,29 @@ def fire_action_of(game: str) -> int | None:
     return names.index("FIRE") if "FIRE" in names else None
 
 
+class RealTwin:
+    """The real emulator (world-model view) kept in step with the dream: shared start states for play
+    --side-by-side, the random game's --compare and tests. A start is reset, FIRE, then NOOPs, so the
+    ball is served and in play; the last k frames are the dream's context."""
+
+    def __init__(self, game: str, k: int):
+        self.env, self.k = make_world_model_env(game), k
+        self.fire = fire_action_of(game) or 0
+
+    def reset(self, seed: int) -> np.ndarray:
+        obs, _ = self.env.reset(seed=seed)
+        frames = [obs]
+        for t in range(self.k + 2):
+            obs, *_ = self.env.step(self.fire if t == 0 else 0)
+            frames.append(obs)
+        self.frame = obs
+        return np.stack(frames[-self.k:])
+
+    def step(self, action: int) -> np.ndarray:
+        self.frame = self.env.step(action)[0]
+        return self.frame
+
+
 def make_neural_env(game: str = "breakout", checkpoint_dir: str | None = None, device: str = "auto", **kw):
     """The trained world model as a gymnasium.Env (see models/neural_env.py)."""
     from models.neural_env import NeuralAtariEnv

@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 import atari_env
 from common import arg, parse_config, run_main
-from play_neural_breakout import RealTwin
 
 
 @dataclass
@@ -38,7 +37,7 @@ def main(argv=None) -> None:
     cfg = parse_config(Config, argv)
     env = atari_env.make_neural_env(cfg.game, cfg.checkpoint_dir or None, cfg.device)
     rng = np.random.default_rng(cfg.seed)
-    twin = RealTwin(cfg.game, env.context_length)
+    twin = atari_env.RealTwin(cfg.game, env.context_length)
     # Both start from the same real frames, so the comparison is fair.
     frame, _ = env.reset(seed=cfg.seed, options={"frames": twin.reset(cfg.seed)})
     q_net = None

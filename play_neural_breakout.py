@@ -55,27 +55,6 @@ def action_for_keys(pressed, names: list[str], pygame) -> int:
     return idx("NOOP")
 
 
-class RealTwin:
-    """The real emulator, kept in step with the dream for --side-by-side (and shared start states)."""
-
-    def __init__(self, game: str, k: int):
-        self.env, self.k = atari_env.make_world_model_env(game), k
-        self.fire = atari_env.fire_action_of(game) or 0
-
-    def reset(self, seed: int) -> np.ndarray:
-        obs, _ = self.env.reset(seed=seed)
-        frames = [obs]
-        for t in range(self.k + 2):
-            obs, *_ = self.env.step(self.fire if t == 0 else 0)
-            frames.append(obs)
-        self.frame = obs
-        return np.stack(frames[-self.k:])
-
-    def step(self, action: int) -> np.ndarray:
-        self.frame = self.env.step(action)[0]
-        return self.frame
-
-
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv)
     if cfg.headless:
@@ -92,7 +71,7 @@ def main(argv=None) -> None:
     env = atari_env.make_neural_env(cfg.game, cfg.checkpoint_dir or None, cfg.device,
                                     temperature=None if cfg.temperature < 0 else cfg.temperature, compile=True)
     names, k = env.action_names, env.context_length
-    twin = RealTwin(cfg.game, k) if cfg.side_by_side else None
+    twin = atari_env.RealTwin(cfg.game, k) if cfg.side_by_side else None
 
     def reset(seed):
         if twin is not None:

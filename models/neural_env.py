@@ -124,18 +124,9 @@ def save_start_frames(path: str | Path, frames: np.ndarray) -> None:
 
 
 def real_start_frames(game: str, k: int, n: int, seed: int = 0) -> np.ndarray:
-    """n contexts of k real frames from game starts: reset, then FIRE and a few NOOPs, as a player would."""
+    """n contexts of k real frames from game starts (see atari_env.RealTwin)."""
     import atari_env
-    env = atari_env.make_world_model_env(game)
-    names = env.unwrapped.get_action_meanings()
-    fire = names.index("FIRE") if "FIRE" in names else 0
-    out = []
-    for i in range(n):
-        obs, _ = env.reset(seed=seed + i)
-        frames = [obs]
-        for t in range(k + 2):   # FIRE then NOOPs: the ball is served and in play
-            obs, *_ = env.step(fire if t == 0 else 0)
-            frames.append(obs)
-        out.append(np.stack(frames[-k:]))
-    env.close()
-    return np.stack(out)
+    twin = atari_env.RealTwin(game, k)
+    frames = np.stack([twin.reset(seed + i) for i in range(n)])
+    twin.env.close()
+    return frames

@@ -6,7 +6,6 @@ import pytest
 
 import atari_env
 import metrics
-from play_neural_breakout import RealTwin
 
 NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 
@@ -15,7 +14,7 @@ NOOP, FIRE, RIGHT, LEFT = 0, 1, 2, 3
 def test_shipped_breakout_model_moves_the_paddle_as_told(keys):
     env = atari_env.make_neural_env("breakout", device="cpu")
     assert env.unwrapped.action_names[RIGHT] == "RIGHT" and env.unwrapped.action_names[LEFT] == "LEFT"
-    real = RealTwin("breakout", env.unwrapped.context_length)
+    real = atari_env.RealTwin("breakout", env.unwrapped.context_length)
     env.reset(options={"frames": real.reset(seed=0)})
     prev_model = prev_real = metrics.paddle_left(real.frame)
     for key in keys:
