@@ -1,3 +1,4 @@
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -28,6 +29,18 @@ def test_recorded_frames_are_bit_identical_to_the_env(tmp_path):
     assert term and ep["terminated"]
     # channel order: the paddle/ball red (200, 72, 72) is stored as RGB, not BGR
     assert ((ep["frames"][..., 0] == 200) & (ep["frames"][..., 2] == 72)).any()
+
+
+def test_random_episode_does_not_depend_on_what_the_worker_played_before(tmp_path):
+    # random play reuses one env per process; the episode must still be a function of its index alone
+    import record_videos
+    cfg = Config(policy="random", output_dir=str(tmp_path / "a"), noop_max=30)
+    record_episode(cfg, 3, None)
+    record_episode(cfg, 5, None)
+    record_videos._random_play_envs.clear()
+    record_episode(dataclasses.replace(cfg, output_dir=str(tmp_path / "b")), 5, None)
+    a, b = (gd.load_episode(gd.episode_path(tmp_path / d, 5))["frames"] for d in "ab")
+    assert len(a) > 1 and np.array_equal(a, b)
 
 
 def test_episode_round_trip_and_damaged_file(tmp_path):
