@@ -55,6 +55,8 @@ class Config:
     code_dim: int = arg(32, "code vector size")
     max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
+    self_forcing: float = arg(0.5, "fraction of each batch whose last context frame is the model's own "
+                                   "prediction (no grad): it learns to repair its errors instead of compounding them")
     steps: int = arg(3000, "optimiser steps")
     batch_size: int = arg(32, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
@@ -81,6 +83,22 @@ def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
     return Palette.fit(np.concatenate(frames), max_colors)
 
 
+@torch.no_grad()
+def self_forced_context(model: LatentActionModel, history: torch.Tensor, fraction: float) -> torch.Tensor:
+    """history (B, k+1, H, W): frames t-k..t. For a random `fraction` of the batch, frame t is replaced by
+    the model's own prediction of it (teacher-forced latent, argmax, as at play time), so training sees
+    the kind of errors open-loop play feeds back."""
+    was_training = model.training
+    model.eval()   # no codebook EMA / dead-code updates from this extra pass
+    before, real_last = history[:, :-1], history[:, -1]
+    _, codes, _ = model.encode(before, real_last)
+    pred = model.predict_next(before, codes)
+    model.train(was_training)
+    use = torch.rand(len(history), device=history.device) < fraction
+    last = torch.where(use[:, None, None], pred, real_last)
+    return torch.cat([history[:, 1:-1], last[:, None]], 1)
+
+
 def to_batch(items: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return items["context"].to(device), items["next"].to(device), items["action"].to(device)
 
@@ -92,15 +110,16 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     model.eval()
     pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("psnr", "copy", "motion", "motion_copy")}
-    codes_seen = Counter()
+    codes_seen, action_code = Counter(), Counter()
     colors = torch.as_tensor(palette.colors, device=device)
     shown = None
     for b in range(0, len(pick), 64):
         items = [val[i] for i in pick[b:b + 64]]
-        ctx = torch.stack([it["context"] for it in items]).to(device)
+        ctx = torch.stack([it["context"] for it in items]).to(device)[:, -model.context:]
         nxt = torch.stack([it["next"] for it in items]).to(device)
         q, codes, _ = model.encode(ctx, nxt)
         codes_seen.update(codes.flatten().tolist())
+        action_code.update(zip([it["action"] for it in items], map(tuple, codes.tolist())))
         pred = model.predict_next(ctx, codes)
         real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
@@ -114,7 +133,12 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     wm_metrics.error_grid(*shown, grid_path)
     tf = teacher_forced_psnr(model, val, cfg, colors, device)
     model.train()
-    return {"psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
+    # How far the action alone pins down the latent (the ceiling of an action-only mapping): per action,
+    # the share of its transitions that land on its most common latent.
+    top = Counter()
+    for (a, _), n in action_code.items():
+        top[a] = max(top[a], n)
+    return {"action_purity": sum(top.values()) / max(1, sum(action_code.values())), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
             "val_codes_used": len(codes_seen), **tf}
 
@@ -195,7 +219,8 @@ def main(argv=None) -> None:
     fwd = torch.compile(model) if cfg.compile else model
 
     to_index = palette.to_index
-    train = gd.GameplayWindows(train_files, cfg.context, cfg.cache_episodes, frame_transform=to_index)
+    # one extra history frame: self-forcing predicts the last context frame from the ones before it
+    train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index)
     val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index)
     sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
     sampler.epoch = step // max(1, len(train) // cfg.batch_size)
@@ -221,9 +246,12 @@ def main(argv=None) -> None:
     try:
         while step < cfg.steps:
             for items in loader:
-                ctx, nxt, _ = to_batch(items, device)
+                history, nxt, _ = to_batch(items, device)
+                ctx = history[:, 1:]
+                if cfg.self_forcing > 0:
+                    ctx = self_forced_context(model, history, cfg.self_forcing)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    cells, codes, commit = fwd(ctx, nxt)
+                    cells, codes, commit = fwd(history[:, 1:], nxt, ctx)
                 recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)
                 loss = recon + commit.sum()
                 opt.zero_grad(set_to_none=True)

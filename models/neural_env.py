@@ -21,7 +21,7 @@ import torch
 from common import UserError, pick_device
 from models.world_model import H, W, load_action_to_latent, load_world_model
 
-START_FRAMES = "start_frames.npz"
+START_FRAMES = "start_frames.safetensors"
 
 
 class NeuralAtariEnv(gym.Env):
@@ -55,8 +55,8 @@ class NeuralAtariEnv(gym.Env):
     def _load_start_frames(self, path: Path) -> np.ndarray | None:
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return z["frames"]          # (n_starts, k, 210, 160, 3) uint8
+        from safetensors.numpy import load_file
+        return load_file(path)["frames"]          # (n_starts, k, 210, 160, 3) uint8
 
     # --------------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -117,10 +117,8 @@ def save_start_frames(path: str | Path, frames: np.ndarray) -> None:
     """(n_starts, k, 210, 160, 3) uint8 real frames the env can start from without arguments."""
     from common import atomic_write
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, frames=np.asarray(frames, np.uint8))
-    atomic_write(path, write)
+    from safetensors.numpy import save_file
+    atomic_write(path, lambda tmp: save_file({"frames": np.ascontiguousarray(frames, np.uint8)}, str(tmp)))
 
 
 def real_start_frames(game: str, k: int, n: int, seed: int = 0) -> np.ndarray:

@@ -207,10 +207,11 @@ class LatentActionModel(nn.Module):
         change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
         return apply_change(context_idx[:, -1], from_cells(change))
 
-    def forward(self, context_idx, next_idx):
-        """Training pass: -> (decoder cell logits, codes, commitment loss)."""
+    def forward(self, context_idx, next_idx, decode_context=None):
+        """Training pass: -> (decoder cell logits, codes, commitment loss). The encoder always sees the real
+        frames; the decoder sees `decode_context` when given (self-forcing), else the same frames."""
         quantized, codes, commit = self.encode(context_idx, next_idx)
-        return self.decode_cells(context_idx, quantized), codes, commit
+        return self.decode_cells(context_idx if decode_context is None else decode_context, quantized), codes, commit
 
 
 class ActionToLatent(nn.Module):
