@@ -51,8 +51,14 @@ class EmulatorReplay:
     """Rebuilds a recorded episode's emulator state from its seed and actions (recording is exact)."""
 
     def __init__(self, game: str, meta: dict):
-        self.env = atari_env.make_agent_env(game, noop_max=meta["env"]["noop_max"])
-        self.env.reset(seed=meta["seed"])
+        if "noop_frames" in meta:   # random play: raw view, explicit no-op start (record_videos.play_episode)
+            self.env = atari_env.make_world_model_env(game)
+            self.env.reset(seed=meta["seed"])
+            for _ in range(meta["noop_frames"]):
+                self.env.unwrapped.ale.act(0)
+        else:                       # DQN play: the agent env's seeded no-op start
+            self.env = atari_env.make_agent_env(game, noop_max=meta["env"]["noop_max"])
+            self.env.reset(seed=meta["seed"])
         self.ale = self.env.unwrapped.ale
 
     def advance(self, actions) -> list[np.ndarray]:
@@ -99,7 +105,7 @@ def main(argv=None) -> None:
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = ep["frames"][s - k + 1:s + 1]
         for mode in ("model", "random"):
-            env.reset(options={"frames": context})
+            env.reset(options={"frames": context, "prev_action": int(ep["actions"][s - 1])})
             frames = []
             for t in range(H):
                 a = actions[t] if mode == "model" else rng.integers(n_actions)
@@ -137,9 +143,10 @@ def main(argv=None) -> None:
             ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
             nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
             act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
+            prev = torch.tensor([int(eps[e]["actions"][t - 1]) if t else 0 for e, t in picks], device=env.device)
             ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
             _, true, _ = wm.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
-            pred = a2l.sample(act, ctx_i)
+            pred = a2l.sample(act, ctx_i, prev_action=prev)
             tok += (pred == true).sum().item()
             whole += (pred == true).all(1).sum().item()
             n += len(picks)

@@ -89,8 +89,8 @@ def split_episodes(root: str | Path, split: str, val_percent: float = 10.0) -> l
 class GameplayWindows(Dataset):
     """Windows over recorded episodes: (k history frames, action, next frame).
 
-    Item i -> dict(context=(k, 210, 160, 3) uint8 frames t-k+1..t, action=a_t, next=(210, 160, 3) frame t+1,
-    episode, t). Before an episode's start the first frame is repeated. Episodes are decoded lazily
+    Item i -> dict(context=(k, 210, 160, 3) uint8 frames t-k+1..t, action=a_t, prev_action=a_{t-1} (NOOP = 0
+    at the start), next=(210, 160, 3) frame t+1, episode, t). Before an episode's start the first frame is repeated. Episodes are decoded lazily
     into a small LRU cache, so RAM holds `cache_episodes` episodes, not the dataset; pair it with
     EpisodeGroupSampler to decode each episode once per pass.
     """
@@ -123,16 +123,13 @@ class GameplayWindows(Dataset):
             self._cache.popitem(last=False)
         return ep
 
-    def window(self, e: int, t: int):
-        ep = self.episode(e)
-        idx = np.clip(np.arange(t - self.context + 1, t + 1), 0, None)
-        return ep["frames"][idx], int(ep["actions"][t]), ep["frames"][t + 1]
-
     def __getitem__(self, i: int) -> dict:
         e, t = self.index[i]
-        ctx, a, nxt = self.window(e, t)
-        return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": a,
-                "next": torch.from_numpy(np.ascontiguousarray(nxt)), "episode": e, "t": t}
+        ep = self.episode(e)
+        ctx = ep["frames"][np.clip(np.arange(t - self.context + 1, t + 1), 0, None)]
+        return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
+                "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0,
+                "next": torch.from_numpy(np.ascontiguousarray(ep["frames"][t + 1])), "episode": e, "t": t}
 
 
 class EpisodeGroupSampler(Sampler):

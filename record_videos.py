@@ -65,13 +65,15 @@ def play_episode(cfg: Config, seed: int, rng, q_net) -> tuple:
     if q_net is None:
         env = _reusable_world_model_env(cfg.game)
         obs, info = env.reset()
-        for _ in range(int(rng.integers(cfg.noop_max + 1))):   # no-op start in raw frames, as the agent's
+        extra = {"noop_frames": int(rng.integers(cfg.noop_max + 1))}   # no-op start in raw frames, as the agent's
+        for _ in range(extra["noop_frames"]):
             env.unwrapped.ale.act(0)
     else:
         env = atari_env.make_agent_env(cfg.game, noop_max=cfg.noop_max)
         obs, info = env.reset(seed=seed)
         tracker = atari_env.LifeTracker(1, atari_env.fire_action_of(cfg.game))
         tracker.fire_pending[:] = True   # the DQN was trained with FIRE after reset
+        extra = {}   # its no-op start comes from the env's own seeded rng
     ale, n_actions = env.unwrapped.ale, env.action_space.n
     frames, actions, rewards, lives = [ale.getScreenRGB()], [], [], [ale.lives()]
     terminated = truncated = False
@@ -91,7 +93,7 @@ def play_episode(cfg: Config, seed: int, rng, q_net) -> tuple:
         lives.append(info["lives"])
     if q_net is not None:
         env.close()
-    return frames, actions, rewards, lives, terminated
+    return frames, actions, rewards, lives, terminated, extra
 
 
 def record_episode(cfg: Config, i: int, q_net) -> dict:
@@ -99,12 +101,12 @@ def record_episode(cfg: Config, i: int, q_net) -> dict:
     policy = "random" if q_net is None else episode_policy(i, cfg.percent_random)
     seed = cfg.seed + i
     rng = np.random.default_rng(seed)
-    frames, actions, rewards, lives, terminated = play_episode(cfg, seed, rng, None if policy == "random" else q_net)
+    frames, actions, rewards, lives, terminated, extra = play_episode(cfg, seed, rng, None if policy == "random" else q_net)
     meta = {"game": cfg.game, "seed": seed, "policy": policy, "index": i, "steps": len(actions),
             "score": float(np.sum(rewards)), "terminated": bool(terminated),
             "random_action_prob": cfg.random_action_prob if policy == "dqn" else 1.0,
             "env": {"id": atari_env.game_spec(cfg.game).env_id, "frameskip": atari_env.FRAMESKIP,
-                    "repeat_action_probability": 0.0, "noop_max": cfg.noop_max}}
+                    "repeat_action_probability": 0.0, "noop_max": cfg.noop_max}, **extra}
     out = Path(cfg.output_dir)
     gd.save_episode(gd.episode_path(out, i), np.stack(frames), actions, rewards, lives, terminated, meta)
     if cfg.mp4:

@@ -41,6 +41,7 @@ class Config:
     world_model: str = arg("", "world model weights (default checkpoints/<game>/world_model.safetensors)")
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
+    prev_action: bool = arg(True, "v2 also sees the previous action (a press moves the paddle over two steps)")
     width: int = arg(48, "v2 frame-encoder channels")
     depth: int = arg(2, "v2 frame-encoder residual blocks")
     steps: int = arg(800, "optimiser steps")
@@ -89,8 +90,9 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         ctx = torch.stack([it["context"] for it in items]).to(device)
         nxt = torch.stack([it["next"] for it in items]).to(device)
         act = torch.tensor([it["action"] for it in items], device=device)
+        prev = torch.tensor([it["prev_action"] for it in items], device=device)
         true = torch.stack([it["codes"] for it in items]).to(device)
-        pred = a2l.sample(act, ctx)
+        pred = a2l.sample(act, ctx, prev_action=prev)
         np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
         ok_tok = (pred == true)
         ok = ok_tok.all(1)
@@ -161,13 +163,14 @@ def main(argv=None) -> None:
     train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index), pairs)
     val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index), pairs)
     a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size,
-                         cfg.width, cfg.depth).to(device)
+                         cfg.width, cfg.depth, prev_action=cfg.prev_action and cfg.model == "v2").to(device)
     opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
     if cfg.resume:
         state = load_checkpoint(ckpt_path, "action_to_latent_train",
-                                expect={"game": cfg.game, "model": cfg.model, "width": cfg.width, "depth": cfg.depth})
+                                expect={"game": cfg.game, "model": cfg.model, "width": cfg.width, "depth": cfg.depth,
+                                        "prev_action": cfg.prev_action})
         if state["world_model"] != wm_meta.get("step") or state["num_tokens"] != wm.num_tokens:
             raise UserError(f"{ckpt_path} was trained for another world model; start without --resume")
         a2l.load_state_dict(state["model"])
@@ -195,7 +198,7 @@ def main(argv=None) -> None:
         while step < cfg.steps:
             for items in loader:
                 ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
-                logits = a2l(act, ctx if cfg.model == "v2" else None)
+                logits = a2l(act, ctx if cfg.model == "v2" else None, items["prev_action"].to(device))
                 loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -119,7 +119,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
         nxt = torch.stack([it["next"] for it in items]).to(device)
         q, codes, _ = model.encode(ctx, nxt)
         codes_seen.update(codes.flatten().tolist())
-        action_code.update(zip([it["action"] for it in items], map(tuple, codes.tolist())))
+        action_code.update(zip([(it["prev_action"], it["action"]) for it in items], map(tuple, codes.tolist())))
         pred = model.predict_next(ctx, codes)
         real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
@@ -133,12 +133,16 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     wm_metrics.error_grid(*shown, grid_path)
     tf = teacher_forced_psnr(model, val, cfg, colors, device)
     model.train()
-    # How far the action alone pins down the latent (the ceiling of an action-only mapping): per action,
-    # the share of its transitions that land on its most common latent.
-    top = Counter()
-    for (a, _), n in action_code.items():
-        top[a] = max(top[a], n)
-    return {"action_purity": sum(top.values()) / max(1, sum(action_code.values())), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
+    # How far the actions alone pin down the latent (the ceiling of a mapping that ignores the frames): the
+    # share of transitions on their action's most common latent, keyed by a_t, and by (a_t-1, a_t): in
+    # Breakout a key press moves the paddle over two steps, so the previous action matters too.
+    purity = {}
+    for name, key in (("action_purity", lambda pa: pa[1]), ("action_pair_purity", lambda pa: pa)):
+        top = Counter()
+        for (pa, _), n in action_code.items():
+            top[key(pa)] = max(top[key(pa)], n)
+        purity[name] = sum(top.values()) / max(1, sum(action_code.values()))
+    return {**purity, "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
             "val_codes_used": len(codes_seen), **tf}
 

@@ -218,16 +218,20 @@ class ActionToLatent(nn.Module):
     """Real action (+ recent frames for v2) -> logits over the latent codes, one head per token.
 
     v1 is a lookup from action alone; v2 conditions on the frames because the same action yields
-    different latents in different states (FIRE with the ball in play is a NOOP, LEFT at the wall...)."""
+    different latents in different states (FIRE with the ball in play is a NOOP, LEFT at the wall...),
+    and, with `prev_action`, on the previous action too: an Atari paddle press moves the paddle over two
+    steps (RIGHT then NOOP: +12 px, then +10 px), so the latent of t -> t+1 carries a_t-1 as well, and
+    the frames up to t cannot show it."""
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
-                 codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4):
+                 codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False):
         super().__init__()
         self.hparams = dict(version=version, num_actions=num_actions, num_colors=num_colors, context=context,
                             num_tokens=num_tokens, codebook_size=codebook_size, width=width, depth=depth,
-                            embed_dim=embed_dim)
+                            embed_dim=embed_dim, prev_action=prev_action)
         self.version, self.num_tokens, self.codebook_size = version, num_tokens, codebook_size
         self.action_embed = nn.Embedding(num_actions, 64)
+        self.prev_action_embed = nn.Embedding(num_actions, 64) if prev_action else None
         if version == "v2":
             self.frames = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=64)
             in_dim = 2 * width + 64
@@ -236,16 +240,20 @@ class ActionToLatent(nn.Module):
             in_dim = 64
         self.out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_tokens * codebook_size))
 
-    def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
+                prev_action: torch.Tensor | None = None) -> torch.Tensor:
         a = self.action_embed(action.long())
+        if self.prev_action_embed is not None:   # NOOP (0) when the previous action is unknown
+            a = a + self.prev_action_embed(torch.zeros_like(action) if prev_action is None else prev_action.long())
         if self.frames is not None:
             h = self.frames(context_idx, a)
             a = torch.cat([a, h.mean((2, 3)), h.amax((2, 3))], 1)
         return self.out(a).view(-1, self.num_tokens, self.codebook_size)
 
     @torch.no_grad()
-    def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None) -> torch.Tensor:
-        logits = self(action, context_idx)
+    def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None,
+               prev_action=None) -> torch.Tensor:
+        logits = self(action, context_idx, prev_action)
         if temperature <= 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / temperature, -1)
