@@ -118,3 +118,16 @@ def off_palette_fraction(frames: np.ndarray, palette_rgb: np.ndarray, threshold:
     cols, inv = np.unique(frames.reshape(-1, 3), axis=0, return_inverse=True)
     dist = np.abs(cols[:, None, :].astype(np.int64) - palette_rgb[None].astype(np.int64)).sum(-1).min(1)
     return float((dist[inv.ravel()] > threshold).mean())
+
+
+def latent_purity(counts) -> dict:
+    """counts: {(a_t-1, a_t, latent): n}. How far the real actions alone pin down the latent: the share of
+    transitions on the most common latent of their key, keyed by a_t and by (a_t-1, a_t) -- the accuracy
+    ceiling of an action->latent mapping that ignores the frames."""
+    out = {}
+    for name, key in (("action_purity", lambda p, a: a), ("action_pair_purity", lambda p, a: (p, a))):
+        top = {}
+        for (p, a, _), n in counts.items():
+            top[key(p, a)] = max(top.get(key(p, a), 0), n)
+        out[name] = sum(top.values()) / max(1, sum(counts.values()))
+    return out

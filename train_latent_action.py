@@ -30,7 +30,7 @@ from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
 from models.world_model import LatentActionModel, Palette, save_weights
 
 PRESETS = {
-    "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
+    "quick": dict(steps=2000, batch_size=32, val_every=500, lr=1e-3),
     "full": dict(steps=60000, batch_size=128, val_every=2000, lr=5e-4, amp=True, width=128, depth=4,
                  cache_episodes=256),
 }
@@ -44,10 +44,10 @@ class Config:
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
     context: int = arg(2, "history frames k the decoder sees (>= 2 so the ball's velocity is visible)")
-    width: int = arg(96, "decoder channels on the 27x20 grid")
+    width: int = arg(64, "decoder channels on the 27x20 grid")
     depth: int = arg(3, "decoder residual blocks")
     embed_dim: int = arg(4, "per-pixel colour embedding size")
-    head_hidden: int = arg(192, "hidden size of the per-cell output head")
+    head_hidden: int = arg(128, "hidden size of the per-cell output head")
     enc_width: int = arg(64, "encoder channels")
     enc_depth: int = arg(2, "encoder residual blocks")
     num_tokens: int = arg(1, "latent tokens per transition")
@@ -57,7 +57,7 @@ class Config:
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
     self_forcing: float = arg(0.5, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
-    steps: int = arg(3000, "optimiser steps")
+    steps: int = arg(2000, "optimiser steps")
     batch_size: int = arg(32, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -119,7 +119,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
         nxt = torch.stack([it["next"] for it in items]).to(device)
         q, codes, _ = model.encode(ctx, nxt)
         codes_seen.update(codes.flatten().tolist())
-        action_code.update(zip([(it["prev_action"], it["action"]) for it in items], map(tuple, codes.tolist())))
+        action_code.update((it["prev_action"], it["action"], tuple(c)) for it, c in zip(items, codes.tolist()))
         pred = model.predict_next(ctx, codes)
         real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
@@ -133,16 +133,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     wm_metrics.error_grid(*shown, grid_path)
     tf = teacher_forced_psnr(model, val, cfg, colors, device)
     model.train()
-    # How far the actions alone pin down the latent (the ceiling of a mapping that ignores the frames): the
-    # share of transitions on their action's most common latent, keyed by a_t, and by (a_t-1, a_t): in
-    # Breakout a key press moves the paddle over two steps, so the previous action matters too.
-    purity = {}
-    for name, key in (("action_purity", lambda pa: pa[1]), ("action_pair_purity", lambda pa: pa)):
-        top = Counter()
-        for (pa, _), n in action_code.items():
-            top[key(pa)] = max(top[key(pa)], n)
-        purity[name] = sum(top.values()) / max(1, sum(action_code.values()))
-    return {**purity, "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
+    return {**wm_metrics.latent_purity(action_code), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
             "val_codes_used": len(codes_seen), **tf}
 

@@ -60,3 +60,11 @@ def test_sampling_argmax_and_temperature(tiny_models):
     g = torch.Generator().manual_seed(0)
     hot = a2l.sample(act, ctx, temperature=100.0, generator=g)
     assert hot.unique().numel() > 1
+
+
+def test_latent_purity_counts_the_previous_action():
+    import metrics
+    # RIGHT (2) gives latent 5 after NOOP but latent 6 after RIGHT: a_t alone cannot tell, (a_t-1, a_t) can
+    counts = {(0, 2, (5,)): 30, (2, 2, (6,)): 10, (0, 0, (1,)): 60}
+    p = metrics.latent_purity(counts)
+    assert p["action_purity"] == pytest.approx(0.9) and p["action_pair_purity"] == 1.0

@@ -27,6 +27,22 @@ def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
         env.step(9)
 
 
+def test_neural_env_feeds_the_previous_action_to_the_action_to_latent_model(tiny_models, monkeypatch):
+    env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
+    assert env.unwrapped.a2l.hparams["prev_action"]          # v2 default
+    seen = []
+    real_sample = env.unwrapped.a2l.sample
+    monkeypatch.setattr(env.unwrapped.a2l, "sample",
+                        lambda act, ctx, t, g, prev: seen.append(int(prev)) or real_sample(act, ctx, t, g, prev))
+    frames = np.zeros((2, 210, 160, 3), np.uint8)
+    env.reset(options={"frames": frames, "prev_action": 3})
+    for a in (2, 2, 1):
+        env.step(a)
+    env.reset(options={"frames": frames})
+    env.step(0)
+    assert seen == [3, 2, 2, 0]
+
+
 def test_registered_with_gymnasium(tiny_models):
     import gymnasium as gym
     env = gym.make("NeuralAtari/Breakout-v0", checkpoint_dir=tiny_models, device="cpu")
