@@ -51,7 +51,7 @@ class Config:
     enc_width: int = arg(64, "encoder channels")
     enc_depth: int = arg(2, "encoder residual blocks")
     num_tokens: int = arg(1, "latent tokens per transition")
-    codebook_size: int = arg(4, "codes per token (4: chosen by measurement, README stage 3)")
+    codebook_size: int = arg(8, "codes per token (8: chosen by measurement, README stage 3)")
     code_dim: int = arg(32, "code vector size")
     max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
@@ -115,7 +115,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     shown = None
     for b in range(0, len(pick), 64):
         items = [val[i] for i in pick[b:b + 64]]
-        ctx = torch.stack([it["context"] for it in items]).to(device)[:, -model.context:]
+        ctx = torch.stack([it["context"] for it in items]).to(device)
         nxt = torch.stack([it["next"] for it in items]).to(device)
         q, codes, _ = model.encode(ctx, nxt)
         codes_seen.update(codes.flatten().tolist())

@@ -148,7 +148,7 @@ class LatentActionModel(nn.Module):
     frame). The decoder alone is the world model used at play time."""
 
     def __init__(self, num_colors: int, context: int = 2, width: int = 64, depth: int = 3, embed_dim: int = 4,
-                 enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 4,
+                 enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
                  code_dim: int = 32, head_hidden: int = 128):
         super().__init__()
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
