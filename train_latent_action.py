@@ -30,7 +30,7 @@ from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
 from models.world_model import LatentActionModel, Palette, save_weights
 
 PRESETS = {
-    "quick": dict(steps=2000, batch_size=32, val_every=500, lr=1e-3),
+    "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
     "full": dict(steps=60000, batch_size=128, val_every=2000, lr=5e-4, amp=True, width=128, depth=4,
                  cache_episodes=256),
 }
@@ -44,10 +44,10 @@ class Config:
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
     context: int = arg(2, "history frames k the decoder sees (>= 2 so the ball's velocity is visible)")
-    width: int = arg(64, "decoder channels on the 27x20 grid")
+    width: int = arg(96, "decoder channels on the 27x20 grid")
     depth: int = arg(3, "decoder residual blocks")
     embed_dim: int = arg(4, "per-pixel colour embedding size")
-    head_hidden: int = arg(128, "hidden size of the per-cell output head")
+    head_hidden: int = arg(192, "hidden size of the per-cell output head")
     enc_width: int = arg(64, "encoder channels")
     enc_depth: int = arg(2, "encoder residual blocks")
     num_tokens: int = arg(1, "latent tokens per transition")
@@ -55,9 +55,9 @@ class Config:
     code_dim: int = arg(32, "code vector size")
     max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
-    self_forcing: float = arg(0.5, "fraction of each batch whose last context frame is the model's own "
+    self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
-    steps: int = arg(2000, "optimiser steps")
+    steps: int = arg(3000, "optimiser steps")
     batch_size: int = arg(32, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
     weight_decay: float = arg(1e-4, "AdamW weight decay")

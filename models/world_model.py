@@ -147,9 +147,9 @@ class LatentActionModel(nn.Module):
     """Encoder (context + next frame -> discrete latent action) and decoder (context + latent -> next
     frame). The decoder alone is the world model used at play time."""
 
-    def __init__(self, num_colors: int, context: int = 2, width: int = 64, depth: int = 3, embed_dim: int = 4,
+    def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
-                 code_dim: int = 32, head_hidden: int = 128):
+                 code_dim: int = 32, head_hidden: int = 192):
         super().__init__()
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
                             enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
