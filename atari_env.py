@@ -53,6 +53,13 @@ def make_world_model_env(game: str = "breakout", render_mode: str | None = None)
                     render_mode=render_mode)
 
 
+def noop_start(env: gym.Env, raw_frames: int) -> None:
+    """Random no-op start in raw emulator frames on a world-model-view env (its frameskip bypassed), as
+    the agent view's noop_max does; record_videos.py stores the count so the game can be replayed."""
+    for _ in range(raw_frames):
+        env.unwrapped.ale.act(0)
+
+
 def action_names(game: str = "breakout") -> list[str]:
     env = make_world_model_env(game)
     names = env.unwrapped.get_action_meanings()

@@ -54,8 +54,7 @@ class EmulatorReplay:
         if "noop_frames" in meta:   # random play: raw view, explicit no-op start (record_videos.play_episode)
             self.env = atari_env.make_world_model_env(game)
             self.env.reset(seed=meta["seed"])
-            for _ in range(meta["noop_frames"]):
-                self.env.unwrapped.ale.act(0)
+            atari_env.noop_start(self.env, meta["noop_frames"])
         else:                       # DQN play: the agent env's seeded no-op start
             self.env = atari_env.make_agent_env(game, noop_max=meta["env"]["noop_max"])
             self.env.reset(seed=meta["seed"])

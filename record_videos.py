@@ -65,9 +65,8 @@ def play_episode(cfg: Config, seed: int, rng, q_net) -> tuple:
     if q_net is None:
         env = _reusable_world_model_env(cfg.game)
         obs, info = env.reset()
-        extra = {"noop_frames": int(rng.integers(cfg.noop_max + 1))}   # no-op start in raw frames, as the agent's
-        for _ in range(extra["noop_frames"]):
-            env.unwrapped.ale.act(0)
+        extra = {"noop_frames": int(rng.integers(cfg.noop_max + 1))}
+        atari_env.noop_start(env, extra["noop_frames"])
     else:
         env = atari_env.make_agent_env(cfg.game, noop_max=cfg.noop_max)
         obs, info = env.reset(seed=seed)
