@@ -135,7 +135,7 @@ def main(argv=None) -> None:
 
     # latent_acc: action->latent prediction vs the encoder's latent on held-out transitions
     wm, a2l, pal = env.world_model, env.a2l, env.palette
-    tok = whole = n = 0
+    tok = whole = same = n = 0
     with torch.inference_mode():
         for _ in range(max(1, cfg.latent_samples // 128)):
             picks = [(e, int(rng.integers(0, len(eps[e]["actions"])))) for e in rng.integers(0, len(eps), 128)]
@@ -148,9 +148,12 @@ def main(argv=None) -> None:
             pred = a2l.sample(act, ctx_i, prev_action=prev)
             tok += (pred == true).sum().item()
             whole += (pred == true).all(1).sum().item()
+            # two codes may draw the same frame: count where the predicted latent draws the encoder's frame
+            same += (wm.predict_next(ctx_i, pred) == wm.predict_next(ctx_i, true)).flatten(1).all(1).sum().item()
             n += len(picks)
     report["latent_token_acc"] = tok / (n * wm.num_tokens)
     report["latent_acc"] = whole / n
+    report["latent_frame_match"] = same / n
 
     # play_sps: the full chain, batch 1 (action -> latent -> decoder -> uint8 frame)
     env.reset(options={"frames": eps[0]["frames"][:k]})
@@ -203,7 +206,7 @@ def format_table(r: dict) -> str:
             rows.append(f"| psnr@{t} (copy-last) | {r[f'psnr@{t}']:.2f} ({r[f'copy_last_psnr@{t}']:.2f}) | "
                         f"{'> copy-last' if t == 16 else ''} | {('yes' if ok else 'no') if t == 16 else ''} |")
     for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_err_px", "off_palette",
-                "latent_acc", "latent_token_acc", "play_sps"):
+                "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
         if key in r:
             bar, test = BARS.get(key, ("", None))
             val = f"{r[key]:.2%}" if key == "off_palette" else f"{r[key]:.3f}" if isinstance(r[key], float) else r[key]

@@ -116,6 +116,7 @@ def test_evaluation_end_to_end(tiny_data, tiny_models, tmp_path):
     for key in ("psnr@1", "psnr@4", "copy_last_psnr@1", "delta_psnr@4", "paddle_err_px", "ball_presence_agree",
                 "off_palette", "latent_acc", "play_sps"):
         assert key in r
+    assert r["latent_acc"] <= r["latent_frame_match"] <= 1
     assert r["emulator_replay_mismatched_frames"] == 0      # the recording replays exactly in the emulator
     assert (tmp_path / "psnr_vs_horizon.png").exists()
     text = readme.read_text()
