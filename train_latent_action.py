@@ -196,8 +196,7 @@ def main(argv=None) -> None:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
-                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden)
-    model = model.to(device, memory_format=torch.channels_last)   # 3x3 convs ~14% faster per step on CPU
+                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
