@@ -27,7 +27,7 @@ import metrics as wm_metrics
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
                     save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
-from models.world_model import LatentActionModel, Palette, save_weights
+from models.world_model import LatentActionModel, Palette, keep_bias_for, load_world_model, save_weights
 
 PRESETS = {
     "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
@@ -72,6 +72,7 @@ class Config:
     threads: int = arg(2, "torch CPU threads")
     seed: int = arg(0, "random seed")
     resume: bool = arg(False, "continue from <out_dir>/train/world_model.pt")
+    eval_only: bool = arg(False, "only validate <out_dir>/world_model.safetensors on the held-out episodes")
     wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
 
 
@@ -167,6 +168,19 @@ def teacher_forced_psnr(model: LatentActionModel, val: gd.GameplayWindows, cfg: 
     return out
 
 
+def validate_saved(cfg: Config, out_dir: Path, val_files, device) -> None:
+    """--eval_only: the held-out validation of the saved weights, as decoded today (e.g. after a decoding fix)."""
+    model, palette, meta = load_world_model(out_dir / "world_model.safetensors", cfg.game, device)
+    val = gd.GameplayWindows(val_files, model.context, max(4, len(val_files)), frame_transform=palette.to_index)
+    grid = out_dir / "train" / "world_model" / "val_grid_eval_only.png"
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    result = validate(model, palette, val, cfg, device, grid)
+    result.update(step=meta.get("step"), keep_bias=model.keep_bias, device=str(device))
+    save_json(out_dir / "world_model_eval_only.json", result)
+    print("\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
+    print(f"grid: {grid}")
+
+
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv, presets=PRESETS)
     atari_env.game_spec(cfg.game)
@@ -186,6 +200,8 @@ def main(argv=None) -> None:
     if not train_files:
         raise UserError(f"need at least 2 episodes in {data_dir} (one is held out)")
 
+    if cfg.eval_only:
+        return validate_saved(cfg, out_dir, val_files, device)
     state = None
     if cfg.resume:
         state = load_checkpoint(ckpt_path, "world_model_train", expect={"game": cfg.game, "context": cfg.context,
@@ -196,7 +212,8 @@ def main(argv=None) -> None:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
-                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden).to(device)
+                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
+                              keep_bias_for(cfg.motion_weight)).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

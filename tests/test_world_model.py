@@ -5,7 +5,7 @@ import torch
 import gameplay_data as gd
 from common import UserError
 from conftest import TINY_WM, run_script
-from models.world_model import (LatentActionModel, Palette, apply_change, change_target, from_cells,
+from models.world_model import (LatentActionModel, Palette, apply_change, change_target, from_cells, keep_bias_for,
                                 load_world_model, motion_weights, save_weights, to_cells)
 
 
@@ -47,6 +47,46 @@ def test_motion_weight_is_larger_exactly_where_frames_change():
     assert (w == 11.0).sum() == 8 and torch.all(w[w != 11.0] == 1.0)
 
 
+def test_keep_bias_undoes_the_motion_weighting():
+    """Fit free per-class logits with the training loss to pixels that change 20 % of the time: the weighted
+    loss makes the raw argmax say 'change' (0.2 * 11 > 0.8); with keep_bias_for(10) added it says 'keep'."""
+    torch.manual_seed(0)
+    last = torch.zeros(4, 210, 160, dtype=torch.uint8)
+    nxt = torch.where(torch.rand(4, 210, 160) < 0.2, 2, 0).to(torch.uint8)
+    m = tiny_model()
+    logits = torch.zeros(7, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.05)
+    for _ in range(400):
+        cells = logits[None, None, :, None].expand(4, 540, 7, 64)
+        loss = m.cell_loss(cells, last, nxt, motion_weight=10.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    change_vs_keep = (logits[3] - logits[0]).item()       # class 1 + colour 2
+    frac = (nxt != 0).float().mean().item()
+    assert change_vs_keep == pytest.approx(np.log(frac * 11 / (1 - frac)), abs=0.05)
+    assert change_vs_keep > 0 and change_vs_keep - keep_bias_for(10.0) < 0
+    assert keep_bias_for(10.0) == pytest.approx(np.log(11))
+
+
+def test_keep_bias_is_applied_when_decoding_and_derived_for_older_weights(tmp_path):
+    torch.manual_seed(0)
+    ctx = torch.randint(0, 6, (2, 2, 210, 160), dtype=torch.uint8)
+    codes = torch.zeros(2, 1, dtype=torch.long)
+    m = tiny_model(keep_bias=0.0).eval()
+    with torch.no_grad():
+        m.head[-1].bias.view(7, 64)[0] -= 6.0       # now the raw argmax changes pixels everywhere
+    assert (m.predict_next(ctx, codes) == ctx[:, -1]).float().mean() < 0.5
+    m.keep_bias = 100.0
+    assert torch.equal(m.predict_next(ctx, codes), ctx[:, -1])
+    # weights saved before keep_bias was stored get the correction for the loss they were trained with
+    hp = {k: v for k, v in tiny_model().hparams.items() if k != "keep_bias"}
+    meta = {"kind": "world_model", "game": "breakout", "hparams": hp, "config": {"motion_weight": 4.0},
+            "palette": np.zeros((6, 3), np.uint8).tolist()}
+    save_weights(tmp_path / "old.safetensors", tiny_model(), meta)
+    assert load_world_model(tmp_path / "old.safetensors")[0].keep_bias == pytest.approx(np.log(5.0))
+
+
 def test_palette_maps_rgb_exactly_and_unseen_colours_to_nearest():
     frames = np.zeros((2, 210, 160, 3), np.uint8)
     frames[:, :10] = (200, 72, 72)
@@ -80,6 +120,17 @@ def test_trained_codebook_uses_several_codes_and_metrics_are_reported(tiny_model
         assert np.isfinite(report[key])
     assert report["val_codes_used"] > 1
     assert list((tiny_models / "train" / "world_model").glob("val_grid_*.png"))
+
+
+def test_eval_only_validates_the_saved_weights(tiny_data, tiny_models, tmp_path):
+    import json
+    import shutil
+    shutil.copy(tiny_models / "world_model.safetensors", tmp_path)
+    run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--eval-only",
+               "--val-samples", 64, "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled")
+    report = json.loads((tmp_path / "world_model_eval_only.json").read_text())
+    assert report["keep_bias"] == pytest.approx(np.log(11)) and np.isfinite(report["motion_psnr@1"])
+    assert not (tmp_path / "train" / "world_model.pt").exists()     # nothing trained
 
 
 def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
