@@ -80,7 +80,40 @@ def parse_config(cls, argv=None, presets: dict[str, dict] | None = None, descrip
     cfg = cls(**values)
     if hasattr(cfg, "preset"):
         cfg.preset = preset or cfg.preset
+    # what the user chose (flags and preset values), so --resume can restore everything else
+    cfg.__dict__["_explicit"] = set(args) | set(presets[preset] if preset else ())
     return cfg
+
+
+def was_given(cfg, name: str) -> bool:
+    """Whether the user set `name` (a flag or the chosen preset) rather than leaving the default."""
+    return name in cfg.__dict__.get("_explicit", set())
+
+
+RUN_LOCAL = ("resume", "device", "threads", "wandb", "out_dir", "data_dir", "world_model", "eval_only")
+
+
+def restore_config(cfg, saved: dict, fixed: tuple[str, ...] = ()):
+    """--resume: continue the run as it was configured. Every hyperparameter not given on this command line
+    comes from the checkpoint's config; one given explicitly overrides it (printed), except the `fixed`
+    ones, which cannot change (given explicitly and different: a clear error). Where to write, device, threads and wandb mode always follow this command."""
+    explicit = cfg.__dict__.get("_explicit", set())
+    values = dataclasses.asdict(cfg)
+    changed = []
+    for name, old in saved.items():
+        if name not in values or name in RUN_LOCAL or values[name] == old:
+            continue
+        if name in fixed and name in explicit:
+            raise UserError(f"the checkpoint was made with {name}={old!r}, but this run asks for {values[name]!r}")
+        if name in explicit and name not in fixed:
+            changed.append(f"{name} {old!r} -> {values[name]!r}")
+        else:
+            values[name] = old
+    if changed:
+        print("resume overrides the checkpoint's " + ", ".join(changed))
+    new = type(cfg)(**values)
+    new.__dict__["_explicit"] = explicit
+    return new
 
 
 def arg(default, help: str, **meta):

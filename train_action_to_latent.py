@@ -25,8 +25,8 @@ import atari_env
 import gameplay_data as gd
 import metrics as wm_metrics
 from collect_action_latent_pairs import load_pairs
-from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
-                    save_checkpoint, save_json)
+from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
+                    run_main, save_checkpoint, save_json)
 from models.world_model import ActionToLatent, load_world_model, save_weights
 
 PRESETS = {"quick": dict(steps=800, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
@@ -153,6 +153,10 @@ def main(argv=None) -> None:
     out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
     wm_path = Path(cfg.world_model or f"checkpoints/{cfg.game}/world_model.safetensors")
     ckpt_path = out_dir / "train" / "action_to_latent.pt"
+    state = None
+    if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
+        state = load_checkpoint(ckpt_path, "action_to_latent_train")
+        cfg = restore_config(cfg, state["config"], fixed=("game", "model", "width", "depth", "prev_action"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -171,10 +175,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path, "action_to_latent_train",
-                                expect={"game": cfg.game, "model": cfg.model, "width": cfg.width, "depth": cfg.depth,
-                                        "prev_action": cfg.prev_action})
+    if state is not None:
         if state["world_model"] != wm_meta.get("step") or state["num_tokens"] != wm.num_tokens:
             raise UserError(f"{ckpt_path} was trained for another world model; start without --resume")
         a2l.load_state_dict(state["model"])

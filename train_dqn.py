@@ -1,7 +1,8 @@
 """Stage 1: a Double-DQN agent learns to play the real game.
 
     python train_dqn.py --game breakout --total-steps 2000000
-    python train_dqn.py --resume            # continue the run in checkpoints/<game>/train/
+    python train_dqn.py --resume            # continue the run in checkpoints/<game>/train/ as configured
+    python train_dqn.py --resume --total-steps 5000000     # ... for longer (ε stays annealed)
 
 Acts in ale-py's C++ vector env; the gradient update runs while the envs step (send/recv), which is
 most of the speed-up over a plain single-env loop (benchmarks/dqn_throughput.py measures it).
@@ -21,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 import atari_env
-from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
-                    save_checkpoint, save_json)
+from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
+                    run_main, was_given, save_checkpoint, save_json)
 from models.dqn import (RND, FrameReplay, QNetwork, double_dqn_targets, huber_td_loss, linear_schedule,
                         select_actions)
 
@@ -47,6 +48,7 @@ class Config:
     eps_start: float = arg(1.0, "ε at the start")
     eps_end: float = arg(0.01, "ε after the schedule")
     exploration_fraction: float = arg(0.1, "fraction of total_steps over which ε/τ anneal linearly")
+    exploration_steps: int = arg(0, "agent steps over which ε/τ anneal (0: exploration_fraction × total_steps)")
     tau_start: float = arg(1.0, "Boltzmann temperature at the start")
     tau_end: float = arg(0.01, "Boltzmann temperature after the schedule")
     rnd_coef: float = arg(0.5, "weight of the normalised RND intrinsic reward")
@@ -210,6 +212,14 @@ def main(argv=None) -> None:
     atari_env.game_spec(cfg.game)
     out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
     ckpt_path = out_dir / "train" / "dqn.pt"
+    state = None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path, "dqn")
+        saved = state["config"]
+        cfg = restore_config(cfg, saved, fixed=("game", "exploration", "num_envs"))
+        if cfg.total_steps != saved["total_steps"] and not (cfg.exploration_steps or was_given(cfg, "exploration_fraction")):
+            # the schedule was a fraction of the old total: pin it, so a longer run does not raise ε again
+            cfg.exploration_steps = round(cfg.exploration_fraction * saved["total_steps"])
     FrameReplay.check_memory(cfg.buffer_size)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -220,9 +230,7 @@ def main(argv=None) -> None:
     num_actions = int(env.single_action_space.n)
     agent = Agent(cfg, num_actions, device)
     step, updates, last_eval = 0, 0, None
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path, "dqn", expect={"game": cfg.game, "exploration": cfg.exploration,
-                                                          "num_envs": cfg.num_envs})
+    if state is not None:
         agent.load(state["agent"])
         step, updates, last_eval = state["step"], state["updates"], state.get("last_eval")
         rng.bit_generator.state = json.loads(state["np_rng"])
@@ -255,7 +263,7 @@ def main(argv=None) -> None:
     t0, s0 = time.time(), step
     try:
         while step < cfg.total_steps:
-            frac = cfg.exploration_fraction * cfg.total_steps
+            frac = cfg.exploration_steps or cfg.exploration_fraction * cfg.total_steps
             eps = linear_schedule(cfg.eps_start, cfg.eps_end, frac, step)
             tau = linear_schedule(cfg.tau_start, cfg.tau_end, frac, step)
             actions = tracker.override(agent.act(obs, eps, tau, rng))

@@ -24,8 +24,8 @@ from tqdm import tqdm
 import atari_env
 import gameplay_data as gd
 import metrics as wm_metrics
-from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, run_main,
-                    save_checkpoint, save_json, strip_compile_prefix)
+from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
+                    run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
 from models.world_model import LatentActionModel, Palette, keep_bias_for, load_world_model, save_weights
 
@@ -74,6 +74,11 @@ class Config:
     resume: bool = arg(False, "continue from <out_dir>/train/world_model.pt")
     eval_only: bool = arg(False, "only validate <out_dir>/world_model.safetensors on the held-out episodes")
     wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
+
+
+# what the saved weights' shapes depend on: a resume cannot change it
+ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
+                "codebook_size", "code_dim", "max_colors")
 
 
 def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
@@ -189,6 +194,10 @@ def main(argv=None) -> None:
     data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
     out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
     ckpt_path = out_dir / "train" / "world_model.pt"
+    state = None
+    if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
+        state = load_checkpoint(ckpt_path, "world_model_train")
+        cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -202,11 +211,7 @@ def main(argv=None) -> None:
 
     if cfg.eval_only:
         return validate_saved(cfg, out_dir, val_files, device)
-    state = None
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path, "world_model_train", expect={"game": cfg.game, "context": cfg.context,
-                                                                          "num_tokens": cfg.num_tokens,
-                                                                          "codebook_size": cfg.codebook_size})
+    if state is not None:
         palette = Palette(state["palette"].numpy())
     else:
         palette = fit_palette(train_files, cfg.max_colors)

@@ -140,6 +140,20 @@ def test_train_dqn_end_to_end_then_resume(tmp_path, extra):
     assert torch.load(tmp_path / "train" / "dqn.pt", weights_only=True)["step"] >= 1000
 
 
+def test_resume_restores_the_run_config_and_keeps_epsilon_annealed(tmp_path):
+    run_script("train_dqn.py", *TINY, "--n-step", 3, "--lr", "3e-4", "--out-dir", tmp_path)
+    # only what changes is given: every other hyperparameter comes from the checkpoint
+    out = run_script("train_dqn.py", "--out-dir", tmp_path, "--resume", "--total-steps", 1000, "--lr", "2e-4",
+                     "--threads", 1, "--wandb", "disabled")
+    assert "resumed at step" in out.stdout and "lr 0.0003 -> 0.0002" in out.stdout
+    cfg = torch.load(tmp_path / "train" / "dqn.pt", weights_only=True)["config"]
+    assert (cfg["n_step"], cfg["buffer_size"], cfg["num_envs"], cfg["eval_episodes"]) == (3, 2000, 4, 2)
+    assert cfg["total_steps"] == 1000 and cfg["lr"] == 2e-4
+    assert cfg["exploration_steps"] == 60          # 0.1 x the first run's 600 steps, not 0.1 x 1000
+    p = run_script("train_dqn.py", "--out-dir", tmp_path, "--resume", "--exploration", "rnd", check=False)
+    assert p.returncode == 2 and "exploration='epsilon'" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bad_inputs_fail_clearly(tmp_path):
     p = run_script("train_dqn.py", "--game", "pacman", check=False)
     assert p.returncode != 0 and "breakout" in p.stderr
