@@ -44,6 +44,7 @@ class Config:
     device: str = arg("auto", "auto, cuda, mps or cpu")
     threads: int = arg(2, "torch CPU threads")
     seed: int = arg(0, "seed for start points and random actions")
+    keep_bias: float = arg(-1.0, "decoder keep-logit bias (-1: the one stored with the weights; 0: raw argmax)")
     readme: str = arg("", "rewrite the results table between the eval markers of this README")
 
 
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     out_dir = Path(cfg.out_dir or ckpt / "evaluation")
     env = atari_env.make_neural_env(cfg.game, ckpt, cfg.device)
     k, n_actions = env.context_length, env.action_space.n
+    if cfg.keep_bias >= 0:
+        env.world_model.keep_bias = cfg.keep_bias
     files = gd.split_episodes(data_dir, "val", cfg.val_percent)
     eps = [gd.load_episode(f) for f in files]
     rng = np.random.default_rng(cfg.seed)
@@ -163,7 +166,7 @@ def main(argv=None) -> None:
     for i in range(cfg.sps_steps):
         env.step(int(rng.integers(n_actions)))
     report["play_sps"] = cfg.sps_steps / (time.perf_counter() - t0)
-    report.update(emulator_replay_mismatched_frames=mismatched, held_out_episodes=len(files), starts=len(starts),
+    report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched, held_out_episodes=len(files), starts=len(starts),
                   device=str(env.device), threads=cfg.threads, config=dataclasses.asdict(cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "report.json", report)

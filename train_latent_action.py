@@ -27,7 +27,7 @@ import metrics as wm_metrics
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
-from models.world_model import LatentActionModel, Palette, keep_bias_for, load_world_model, save_weights
+from models.world_model import LatentActionModel, Palette, add_speckle, keep_bias_for, load_world_model, save_weights
 
 PRESETS = {
     "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
@@ -57,6 +57,11 @@ class Config:
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
     self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
+    context_noise: float = arg(0.0, "fraction of each batch whose decoder context gets persistent stray pixels "
+                                    "to erase (add_speckle); the encoder always sees clean frames")
+    noise_density: float = arg(0.003, "largest share of pixels a noised context gets")
+    init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
+    freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
     steps: int = arg(3000, "optimiser steps")
     batch_size: int = arg(32, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
@@ -211,16 +216,25 @@ def main(argv=None) -> None:
 
     if cfg.eval_only:
         return validate_saved(cfg, out_dir, val_files, device)
+    init = None
     if state is not None:
         palette = Palette(state["palette"].numpy())
+    elif cfg.init_from:
+        init, palette, _ = load_world_model(cfg.init_from, cfg.game, device)
+        hp = init.hparams
+        cfg = dataclasses.replace(cfg, **{k: hp[k] for k in ARCHITECTURE if k in hp})
     else:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
                               keep_bias_for(cfg.motion_weight)).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    if cfg.freeze_encoder:
+        model.freeze_encoder()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -267,6 +281,8 @@ def main(argv=None) -> None:
                 ctx = history[:, 1:]
                 if cfg.self_forcing > 0:
                     ctx = self_forced_context(model, history, cfg.self_forcing)
+                if cfg.context_noise > 0:
+                    ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     cells, codes, commit = fwd(history[:, 1:], nxt, ctx)
                 recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)

@@ -87,6 +87,19 @@ def apply_change(last_idx: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
     return torch.where(change == 0, last_idx, (change.long() - 1).to(last_idx.dtype))
 
 
+def add_speckle(context_idx: torch.Tensor, fraction: float, max_density: float, num_colors: int) -> torch.Tensor:
+    """Context-noise augmentation: for a random `fraction` of the batch, up to `max_density` of the pixels
+    (the same ones in every context frame, so they persist like a model's leftovers) get a random palette
+    colour. Trained to predict the clean next frame from it, the decoder learns to erase stray pixels
+    instead of copying them forever, which is how open-loop errors compound."""
+    B = context_idx.shape[0]
+    dev = context_idx.device
+    density = torch.rand(B, 1, 1, device=dev) * max_density * (torch.rand(B, 1, 1, device=dev) < fraction)
+    where = torch.rand(B, *context_idx.shape[2:], device=dev) < density
+    colors = torch.randint(0, num_colors, where.shape, device=dev, dtype=context_idx.dtype)
+    return torch.where(where[:, None], colors[:, None], context_idx)
+
+
 def motion_weights(last_idx: torch.Tensor, next_idx: torch.Tensor, weight: float) -> torch.Tensor:
     """1 everywhere, 1 + weight where the pixel changes from t to t+1 (the earlier attempt: 1 + 10·[Δ])."""
     return 1.0 + weight * (last_idx != next_idx).float()
@@ -181,9 +194,25 @@ class LatentActionModel(nn.Module):
                                   nn.Linear(head_hidden, (num_colors + 1) * CELL * CELL))
         with torch.no_grad():   # start as "copy the last frame" (GUIDE: copy-last is a strong baseline)
             self.head[-1].bias.view(num_colors + 1, CELL * CELL)[0] += 4.0
+        self.encoder_frozen = False
         # channels_last: the 3x3 convs run ~14% faster per training step and faster at batch 1 on CPU;
         # loading weights and .to(device) keep the layout, so training and play both get it from here
         self.to(memory_format=torch.channels_last)
+
+    def freeze_encoder(self) -> None:
+        """Fine-tune the decoder alone: the encoder and codebook stay as they are, so every latent already
+        collected (and the action->latent model trained on them) stays valid."""
+        self.encoder_frozen = True
+        for m in (self.enc, self.enc_out, self.vq):
+            m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:   # eval mode: no codebook EMA or dead-code expiry either
+            for m in (self.enc, self.enc_out, self.vq):
+                m.eval()
+        return self
 
     # --- encoder
     def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):

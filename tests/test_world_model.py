@@ -5,8 +5,8 @@ import torch
 import gameplay_data as gd
 from common import UserError
 from conftest import TINY_WM, run_script
-from models.world_model import (LatentActionModel, Palette, apply_change, change_target, from_cells, keep_bias_for,
-                                load_world_model, motion_weights, save_weights, to_cells)
+from models.world_model import (LatentActionModel, Palette, add_speckle, apply_change, change_target, from_cells,
+                                keep_bias_for, load_world_model, motion_weights, save_weights, to_cells)
 
 
 def tiny_model(**kw):
@@ -87,6 +87,18 @@ def test_keep_bias_is_applied_when_decoding_and_derived_for_older_weights(tmp_pa
     assert load_world_model(tmp_path / "old.safetensors")[0].keep_bias == pytest.approx(np.log(5.0))
 
 
+def test_speckle_noise_persists_across_context_frames_and_stays_on_palette():
+    torch.manual_seed(0)
+    ctx = torch.zeros(64, 2, 210, 160, dtype=torch.uint8)
+    assert torch.equal(add_speckle(ctx, 0.0, 0.01, 6), ctx)
+    noisy = add_speckle(ctx, 1.0, 0.01, 6)
+    assert torch.equal(noisy[:, 0], noisy[:, 1]) and noisy.max() < 6
+    share = (noisy[:, -1] != 0).float().mean((1, 2))
+    assert share.max() < 0.01 and share.mean() > 0.002     # up to the density, ~5/6 of the picks visible
+    half = (add_speckle(ctx, 0.5, 0.01, 6)[:, -1] != 0).flatten(1).any(1).float().mean()
+    assert 0.25 < half < 0.75
+
+
 def test_palette_maps_rgb_exactly_and_unseen_colours_to_nearest():
     frames = np.zeros((2, 210, 160, 3), np.uint8)
     frames[:, :10] = (200, 72, 72)
@@ -148,6 +160,20 @@ def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
         assert pairs["codes"][t].tolist() == right[0].tolist()
     again = encode_episode(model, palette, f, 16, "cpu")
     assert np.array_equal(again["codes"], pairs["codes"])
+
+
+def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_models, tmp_path):
+    run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 6, "--val-every", 6,
+               "--init-from", tiny_models / "world_model.safetensors", "--freeze-encoder", "--context-noise", 0.5,
+               "--lr", "1e-2", *TINY_WM[:-6], "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled")
+    before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
+    after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
+    b, a = before.state_dict(), after.state_dict()
+    for k in b:
+        if k.startswith(("enc.", "enc_out.", "vq.")):
+            assert torch.equal(a[k], b[k]), k
+    assert not all(torch.equal(a[k], b[k]) for k in b if k.startswith(("dec.", "head.")))
+    assert meta["config"]["freeze_encoder"] and meta["hparams"]["width"] == before.hparams["width"]
 
 
 def test_world_model_training_resumes(tiny_data, tmp_path):
