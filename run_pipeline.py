@@ -56,6 +56,14 @@ def done(path: Path, key: str, at_least: int) -> bool:
         return False
 
 
+def fine_tuned(path: Path) -> bool:
+    """A world model whose decoder was trained further from finished weights (--init_from) is finished too."""
+    try:
+        return bool(json.loads(path.read_text()).get("config", {}).get("init_from"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv, presets=PRESETS)
     atari_env.game_spec(cfg.game)
@@ -73,7 +81,7 @@ def main(argv=None) -> None:
                                    "--percent_random", cfg.percent_random)
     from train_latent_action import PRESETS as WM_PRESETS
     wm_steps = WM_PRESETS[cfg.wm_preset]["steps"]
-    if done(ckpt / "world_model_metrics.json", "step", wm_steps):
+    if done(ckpt / "world_model_metrics.json", "step", wm_steps) or fine_tuned(ckpt / "world_model_metrics.json"):
         print(f"stage 3 (world model) complete: {ckpt / 'world_model.safetensors'}")
     else:
         resume = ["--resume"] if (ckpt / "train" / "world_model.pt").exists() else []
