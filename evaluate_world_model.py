@@ -208,8 +208,8 @@ def format_table(r: dict) -> str:
             ok = r[f"psnr@{t}"] > r[f"copy_last_psnr@{t}"]
             rows.append(f"| psnr@{t} (copy-last) | {r[f'psnr@{t}']:.2f} ({r[f'copy_last_psnr@{t}']:.2f}) | "
                         f"{'> copy-last' if t == 16 else ''} | {('yes' if ok else 'no') if t == 16 else ''} |")
-    for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_err_px", "off_palette",
-                "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
+    for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_missed", "ball_spurious", "ball_err_px",
+                "off_palette", "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
         if key in r:
             bar, test = BARS.get(key, ("", None))
             val = f"{r[key]:.2%}" if key == "off_palette" else f"{r[key]:.3f}" if isinstance(r[key], float) else r[key]

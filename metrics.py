@@ -98,19 +98,24 @@ def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
 
 
 def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:
-    """paddle_err_px, ball_presence_agree and ball_err_px over matched frame sequences."""
-    pad, agree, ball = [], [], []
+    """paddle_err_px, ball_presence_agree and ball_err_px over matched frame sequences, plus where the
+    presence disagreements come from: ball_missed (real ball, none drawn) and ball_spurious (a red thing
+    below the bricks where the real frame has no ball: an invented ball or debris), as shares of frames."""
+    pad, agree, ball, missed, spurious = [], [], [], [], []
     for p, r in zip(pred_frames, real_frames):
         pl, rl = paddle_left(p), paddle_left(r)
         if rl is not None:
             pad.append(NO_PADDLE_ERR_PX if pl is None else abs(pl - rl))
         pb, rb = ball_position(p), ball_position(r)
         agree.append((pb is None) == (rb is None))
+        missed.append(pb is None and rb is not None)
+        spurious.append(pb is not None and rb is None)
         if pb is not None and rb is not None:
             ball.append(np.hypot(pb[0] - rb[0], pb[1] - rb[1]))
-    return {"paddle_err_px": float(np.mean(pad)) if pad else float("nan"),
-            "ball_presence_agree": float(np.mean(agree)) if agree else float("nan"),
-            "ball_err_px": float(np.mean(ball)) if ball else float("nan")}
+    def mean(x):
+        return float(np.mean(x)) if x else float("nan")
+    return {"paddle_err_px": mean(pad), "ball_presence_agree": mean(agree), "ball_err_px": mean(ball),
+            "ball_missed": mean(missed), "ball_spurious": mean(spurious)}
 
 
 def off_palette_fraction(frames: np.ndarray, palette_rgb: np.ndarray, threshold: int = 60) -> float:

@@ -100,7 +100,10 @@ def test_object_errors_and_off_palette():
     r = metrics.object_errors(b, a)
     assert r["paddle_err_px"] == 6 and r["ball_presence_agree"] == 1.0
     b[0, 120:124, 80:82] = metrics.BREAKOUT_RED
-    assert metrics.object_errors(b, a)["ball_presence_agree"] == 0.0
+    r = metrics.object_errors(b, a)
+    assert r["ball_presence_agree"] == 0.0 and r["ball_spurious"] == 1.0 and r["ball_missed"] == 0.0
+    r = metrics.object_errors(a, b)
+    assert r["ball_missed"] == 1.0 and r["ball_spurious"] == 0.0
     noisy = a.copy()
     noisy[0, :21] = (90, 10, 250)
     assert metrics.off_palette_fraction(noisy, np.array([[0, 0, 0], [200, 72, 72]])) == pytest.approx(0.1)
