@@ -96,19 +96,20 @@ RUN_LOCAL = ("resume", "device", "threads", "wandb", "out_dir", "data_dir", "wor
 def restore_config(cfg, saved: dict, fixed: tuple[str, ...] = ()):
     """--resume: continue the run as it was configured. Every hyperparameter not given on this command line
     comes from the checkpoint's config; one given explicitly overrides it (printed), except the `fixed`
-    ones, which cannot change (given explicitly and different: a clear error). Where to write, device, threads and wandb mode always follow this command."""
+    ones, which cannot change (given explicitly and different: a clear error). Where to write, device,
+    threads and wandb mode always follow this command."""
     explicit = cfg.__dict__.get("_explicit", set())
     values = dataclasses.asdict(cfg)
     changed = []
     for name, old in saved.items():
         if name not in values or name in RUN_LOCAL or values[name] == old:
             continue
-        if name in fixed and name in explicit:
-            raise UserError(f"the checkpoint was made with {name}={old!r}, but this run asks for {values[name]!r}")
-        if name in explicit and name not in fixed:
-            changed.append(f"{name} {old!r} -> {values[name]!r}")
-        else:
+        if name not in explicit:
             values[name] = old
+        elif name in fixed:
+            raise UserError(f"the checkpoint was made with {name}={old!r}, but this run asks for {values[name]!r}")
+        else:
+            changed.append(f"{name} {old!r} -> {values[name]!r}")
     if changed:
         print("resume overrides the checkpoint's " + ", ".join(changed))
     new = type(cfg)(**values)
@@ -168,10 +169,10 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path, kind: str, expect: dict | None = None) -> dict:
-    """Load a checkpoint written by save_checkpoint; refuse corrupt, foreign or mismatched files clearly.
+def load_checkpoint(path: str | Path, kind: str) -> dict:
+    """Load a checkpoint written by save_checkpoint; refuse corrupt or foreign files clearly.
 
-    `kind` must equal the checkpoint's "kind" field; each key in `expect` must equal the stored config value.
+    `kind` must equal the checkpoint's "kind" field; restore_config then checks the stored config.
     """
     path = Path(path)
     if not path.exists():
@@ -183,10 +184,6 @@ def load_checkpoint(path: str | Path, kind: str, expect: dict | None = None) -> 
     if not isinstance(state, dict) or state.get("kind") != kind:
         found = state.get("kind") if isinstance(state, dict) else type(state).__name__
         raise UserError(f"checkpoint {path} is a {found!r} checkpoint, expected {kind!r}")
-    for key, want in (expect or {}).items():
-        have = state.get("config", {}).get(key)
-        if have != want:
-            raise UserError(f"checkpoint {path} was made with {key}={have!r}, but this run uses {key}={want!r}")
     return state
 
 

@@ -166,8 +166,9 @@ def main(argv=None) -> None:
     for i in range(cfg.sps_steps):
         env.step(int(rng.integers(n_actions)))
     report["play_sps"] = cfg.sps_steps / (time.perf_counter() - t0)
-    report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched, held_out_episodes=len(files), starts=len(starts),
-                  device=str(env.device), threads=cfg.threads, config=dataclasses.asdict(cfg))
+    report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched,
+                  held_out_episodes=len(files), starts=len(starts), device=str(env.device), threads=cfg.threads,
+                  config=dataclasses.asdict(cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "report.json", report)
     plot_psnr(psnr, out_dir / "psnr_vs_horizon.png", cfg.game)

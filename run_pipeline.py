@@ -48,20 +48,17 @@ def run(script: str, *args) -> float:
     return time.time() - t0
 
 
+def report(path: Path) -> dict:
+    """A stage's final report ({} while it has none): written only when the stage finishes."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def done(path: Path, key: str, at_least: int) -> bool:
     """A stage is complete when its final report says it reached its step count."""
-    try:
-        return json.loads(path.read_text()).get(key, -1) >= at_least
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def fine_tuned(path: Path) -> bool:
-    """A world model whose decoder was trained further from finished weights (--init_from) is finished too."""
-    try:
-        return bool(json.loads(path.read_text()).get("config", {}).get("init_from"))
-    except (OSError, json.JSONDecodeError):
-        return False
+    return report(path).get(key, -1) >= at_least
 
 
 def main(argv=None) -> None:
@@ -81,7 +78,9 @@ def main(argv=None) -> None:
                                    "--percent_random", cfg.percent_random)
     from train_latent_action import PRESETS as WM_PRESETS
     wm_steps = WM_PRESETS[cfg.wm_preset]["steps"]
-    if done(ckpt / "world_model_metrics.json", "step", wm_steps) or fine_tuned(ckpt / "world_model_metrics.json"):
+    wm_report = report(ckpt / "world_model_metrics.json")
+    # a decoder trained further from finished weights (--init_from) is finished too
+    if wm_report.get("step", -1) >= wm_steps or wm_report.get("config", {}).get("init_from"):
         print(f"stage 3 (world model) complete: {ckpt / 'world_model.safetensors'}")
     else:
         resume = ["--resume"] if (ckpt / "train" / "world_model.pt").exists() else []

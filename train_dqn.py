@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import atari_env
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
-                    run_main, was_given, save_checkpoint, save_json)
+                    run_main, save_checkpoint, save_json, was_given)
 from models.dqn import (RND, FrameReplay, QNetwork, double_dqn_targets, huber_td_loss, linear_schedule,
                         select_actions)
 
@@ -261,11 +261,11 @@ def main(argv=None) -> None:
     learn_t0 = learn_s0 = None          # throughput once learning runs (benchmarks/dqn_throughput.py)
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", dynamic_ncols=True, smoothing=0.05)
     t0, s0 = time.time(), step
+    anneal_steps = cfg.exploration_steps or cfg.exploration_fraction * cfg.total_steps
     try:
         while step < cfg.total_steps:
-            frac = cfg.exploration_steps or cfg.exploration_fraction * cfg.total_steps
-            eps = linear_schedule(cfg.eps_start, cfg.eps_end, frac, step)
-            tau = linear_schedule(cfg.tau_start, cfg.tau_end, frac, step)
+            eps = linear_schedule(cfg.eps_start, cfg.eps_end, anneal_steps, step)
+            tau = linear_schedule(cfg.tau_start, cfg.tau_end, anneal_steps, step)
             actions = tracker.override(agent.act(obs, eps, tau, rng))
             env.send(actions)   # the envs step in C++ threads while we learn below
             if step >= refill_until:
