@@ -2,6 +2,7 @@
 
     python evaluate_world_model.py --game breakout
     python evaluate_world_model.py --game breakout --readme README.md    # also rewrite the results table
+    python evaluate_world_model.py --game breakout --latents encoder     # the decoder alone (ideal latents)
 
 For each held-out start point, the recorded episode is replayed in the real emulator up to the start
 (its seed and actions reproduce it exactly), the state is cloned, and the true actions continue from
@@ -45,6 +46,9 @@ class Config:
     threads: int = arg(2, "torch CPU threads")
     seed: int = arg(0, "seed for start points and random actions")
     keep_bias: float = arg(-1.0, "decoder keep-logit bias (-1: the one stored with the weights; 0: raw argmax)")
+    latents: str = arg("a2l", "what drives the true-action rollouts: the action->latent model (the real chain), or "
+                              "the encoder's latents from the real frames (isolates the decoder's own errors)",
+                       choices=["a2l", "encoder"])
     readme: str = arg("", "rewrite the results table between the eval markers of this README")
 
 
@@ -79,6 +83,8 @@ def pick_starts(files, lengths, k: int, horizon: int, n: int, rng) -> list[tuple
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv)
     atari_env.game_spec(cfg.game)
+    if cfg.readme and cfg.latents != "a2l":
+        raise UserError("--readme records the real chain (--latents a2l); the encoder-latent run is a diagnostic")
     torch.set_num_threads(cfg.threads)
     data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
     ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
@@ -108,11 +114,11 @@ def main(argv=None) -> None:
         context = ep["frames"][s - k + 1:s + 1]
         for mode in ("model", "random"):
             env.reset(options={"frames": context, "prev_action": int(ep["actions"][s - 1])})
-            frames = []
-            for t in range(H):
-                a = actions[t] if mode == "model" else rng.integers(n_actions)
-                frames.append(env.step(int(a))[0])
-            frames = np.stack(frames)
+            if mode == "model" and cfg.latents == "encoder":
+                frames = np.stack([env.step_latent(c) for c in encoder_codes(env, np.concatenate([context, real]))])
+            else:
+                frames = np.stack([env.step(int(actions[t] if mode == "model" else rng.integers(n_actions)))[0]
+                                   for t in range(H)])
             sq[mode] += ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
             if mode == "model":
                 pred_obj.append(frames[:cfg.object_steps])
@@ -169,12 +175,23 @@ def main(argv=None) -> None:
     report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched,
                   held_out_episodes=len(files), starts=len(starts), device=str(env.device), threads=cfg.threads,
                   config=dataclasses.asdict(cfg))
+    report["latents"] = cfg.latents
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "report.json", report)
-    plot_psnr(psnr, out_dir / "psnr_vs_horizon.png", cfg.game)
+    suffix = "" if cfg.latents == "a2l" else "_encoder_latents"   # never overwrite the real chain's report
+    save_json(out_dir / f"report{suffix}.json", report)
+    plot_psnr(psnr, out_dir / f"psnr_vs_horizon{suffix}.png", cfg.game)
     print(format_table(report))
     if cfg.readme:
         update_readme(Path(cfg.readme), report, cfg)
+
+
+@torch.inference_mode()
+def encoder_codes(env, frames: np.ndarray) -> torch.Tensor:
+    """The encoder's latent of every real transition in `frames` (k context frames, then the horizon)."""
+    k, wm = env.context_length, env.world_model
+    idx = torch.from_numpy(env.palette.to_index(frames)).to(env.device)
+    windows = idx.unfold(0, k + 1, 1).permute(0, 3, 1, 2)          # (H, k+1, 210, 160)
+    return torch.cat([wm.encode(w[:, :k], w[:, k])[1] for w in windows.split(64)])
 
 
 def plot_psnr(psnr: dict, path: Path, game: str) -> None:

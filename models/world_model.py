@@ -28,15 +28,17 @@ PAD_H = (-H) % CELL           # 210 -> 216 rows
 class Palette:
     """The game's colours, most frequent first; maps RGB frames <-> palette indices exactly."""
 
+    UNSEEN = 255
+
     def __init__(self, colors: np.ndarray):
         self.colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-        codes = self._codes(self.colors)
-        self._order = np.argsort(codes)
-        self._sorted = codes[self._order]
+        if len(self.colors) >= self.UNSEEN:
+            raise ValueError(f"a palette holds at most {self.UNSEEN - 1} colours")
+        self._lut = None   # 24-bit colour -> index table (16 MB), built on first use
 
     @staticmethod
     def _codes(rgb: np.ndarray) -> np.ndarray:
-        rgb = rgb.astype(np.int64)
+        rgb = rgb.astype(np.uint32)
         return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
     @classmethod
@@ -49,16 +51,18 @@ class Palette:
         return len(self.colors)
 
     def to_index(self, frames: np.ndarray) -> np.ndarray:
-        """(..., 3) uint8 RGB -> (...) uint8 indices; an unseen colour maps to the nearest palette colour."""
-        codes = self._codes(frames)
-        pos = np.clip(np.searchsorted(self._sorted, codes), 0, len(self._sorted) - 1)
-        exact = self._sorted[pos] == codes
-        idx = self._order[pos]
-        if not exact.all():
-            odd = frames[~exact].astype(np.int64)
-            dist = np.abs(odd[:, None, :] - self.colors[None].astype(np.int64)).sum(-1)
-            idx[~exact] = dist.argmin(1)
-        return idx.astype(np.uint8)
+        """(..., 3) uint8 RGB -> (...) uint8 indices; an unseen colour maps to the nearest palette colour.
+        One table lookup per pixel: 3x faster than a sorted search, and it runs on every episode that
+        training decodes."""
+        if self._lut is None:
+            self._lut = np.full(1 << 24, self.UNSEEN, dtype=np.uint8)
+            self._lut[self._codes(self.colors)] = np.arange(len(self.colors))
+        idx = self._lut[self._codes(frames)]
+        unseen = idx == self.UNSEEN
+        if unseen.any():
+            odd = frames[unseen].astype(np.int64)
+            idx[unseen] = np.abs(odd[:, None, :] - self.colors[None].astype(np.int64)).sum(-1).argmin(1)
+        return idx
 
     def to_rgb(self, indices):
         if isinstance(indices, torch.Tensor):
@@ -116,8 +120,9 @@ def keep_bias_for(motion_weight: float) -> float:
 
 # ----------------------------------------------------------------------------- building blocks
 class FrameEmbed(nn.Module):
-    """(B, k, 210, 160) palette indices -> (B, k*64*e, 27, 20): lossless space-to-depth of the index
-    map (cheap on uint8), then a per-pixel colour embedding, so the grid cells see every pixel exactly."""
+    """(B, k, 210, 160) palette indices -> (B, 27, 20, k*64*e) channels-last: lossless space-to-depth of
+    the index map (cheap on uint8), then a per-pixel colour embedding, so the grid cells see every pixel
+    exactly. Channel order (frame, pixel in cell, embedding) = torch's pixel_unshuffle order."""
 
     def __init__(self, num_colors: int, dim: int):
         super().__init__()
@@ -127,9 +132,12 @@ class FrameEmbed(nn.Module):
         self.embed.weight.requires_grad_(False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        cells = F.pixel_unshuffle(F.pad(idx, (0, 0, 0, PAD_H)), CELL)        # (B, k*64, 27, 20)
-        x = self.embed(cells.long())                                         # (B, k*64, 27, 20, e)
-        return x.permute(0, 1, 4, 2, 3).flatten(1, 2)
+        B, k = idx.shape[:2]
+        x = F.pad(idx, (0, 0, 0, PAD_H)).view(B, k, (H + PAD_H) // CELL, CELL, W // CELL, CELL)
+        cells = x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H + PAD_H) // CELL, W // CELL, k * CELL * CELL)
+        # built channels-last from the start: the convs run channels_last, and converting this, the
+        # widest tensor of the model, cost ~15% of a training step
+        return self.embed(cells.long()).flatten(3)
 
 
 class ResBlock(nn.Module):
@@ -157,8 +165,13 @@ class GridNet(nn.Module):
         self.proj = nn.Conv2d(frames * embed_dim * CELL * CELL, width, 1)
         self.blocks = nn.ModuleList(ResBlock(width, cond_dim) for _ in range(depth))
 
+    def embed_project(self, idx: torch.Tensor) -> torch.Tensor:
+        """The 1x1 projection as a matmul over the channels-last embedding; the result is a channels_last
+        NCHW view, no copy (proj stays a Conv2d so the weights keep their layout and name)."""
+        return F.linear(self.embed(idx), self.proj.weight.flatten(1), self.proj.bias).permute(0, 3, 1, 2)
+
     def forward(self, idx, cond=None):
-        x = self.proj(self.embed(idx))
+        x = self.embed_project(idx)
         for b in self.blocks:
             x = b(x, cond)
         return x

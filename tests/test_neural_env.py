@@ -124,3 +124,27 @@ def test_evaluation_end_to_end(tiny_data, tiny_models, tmp_path):
     assert (tmp_path / "psnr_vs_horizon.png").exists()
     text = readme.read_text()
     assert "old" not in text and "| psnr@1" in text and text.endswith("y\n")
+
+
+def test_encoder_latent_rollouts_use_each_real_transition(tiny_data, tiny_models, tmp_path):
+    """--latents encoder drives the decoder with the encoder's latent of transition t -> t+1 at step t."""
+    import torch
+
+    import gameplay_data as gd
+    from evaluate_world_model import encoder_codes
+    env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
+    frames = gd.load_episode(gd.list_episodes(tiny_data)[0])["frames"][:12]
+    k, wm = env.context_length, env.world_model
+    codes = encoder_codes(env, frames)
+    idx = torch.from_numpy(env.palette.to_index(frames))
+    assert len(codes) == len(frames) - k
+    for t in (0, 5, len(frames) - k - 1):
+        assert torch.equal(codes[t], wm.encode(idx[None, t:t + k], idx[None, t + k])[1][0])
+    run_script("evaluate_world_model.py", "--data-dir", tiny_data, "--checkpoint-dir", tiny_models, "--out-dir",
+               tmp_path, "--starts", 2, "--horizon", 8, "--object-steps", 8, "--random-steps", 5,
+               "--latent-samples", 128, "--sps-steps", 5, "--threads", 1, "--latents", "encoder")
+    assert json.loads((tmp_path / "report_encoder_latents.json").read_text())["latents"] == "encoder"
+    assert not (tmp_path / "report.json").exists()
+    with pytest.raises(UserError, match="--readme"):
+        import evaluate_world_model
+        evaluate_world_model.main(["--latents", "encoder", "--readme", str(tmp_path / "README.md")])

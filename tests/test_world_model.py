@@ -38,6 +38,19 @@ def test_cell_layout_round_trip_and_change_classes():
     assert torch.equal(apply_change(last, target), nxt)
 
 
+def test_channels_last_frame_embedding_matches_pixel_unshuffle_and_a_1x1_conv():
+    """The grid input is built channels-last and projected by a matmul (fast); it must be the same numbers
+    as the layout the shipped weights were trained with: pixel_unshuffle, embedding, then the 1x1 conv."""
+    torch.manual_seed(0)
+    net = tiny_model().dec
+    idx = torch.randint(0, 6, (2, 2, 210, 160), dtype=torch.uint8)
+    cells = torch.nn.functional.pixel_unshuffle(torch.nn.functional.pad(idx, (0, 0, 0, 6)), 8)
+    reference = net.proj(net.embed.embed(cells.long()).permute(0, 1, 4, 2, 3).flatten(1, 2))
+    ours = net.embed_project(idx)
+    assert ours.shape == reference.shape == (2, 16, 27, 20)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_motion_weight_is_larger_exactly_where_frames_change():
     last = torch.zeros(1, 210, 160, dtype=torch.uint8)
     nxt = last.clone()
