@@ -179,7 +179,8 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if cfg.latents == "a2l" else "_encoder_latents"   # never overwrite the real chain's report
     save_json(out_dir / f"report{suffix}.json", report)
-    plot_psnr(psnr, out_dir / f"psnr_vs_horizon{suffix}.png", cfg.game)
+    plot_psnr(psnr, out_dir / f"psnr_vs_horizon{suffix}.png", cfg.game,
+              "model, true actions" if cfg.latents == "a2l" else "model, encoder latents of the real frames")
     print(format_table(report))
     if cfg.readme:
         update_readme(Path(cfg.readme), report, cfg)
@@ -194,13 +195,13 @@ def encoder_codes(env, frames: np.ndarray) -> torch.Tensor:
     return torch.cat([wm.encode(w[:, :k], w[:, k])[1] for w in windows.split(64)])
 
 
-def plot_psnr(psnr: dict, path: Path, game: str) -> None:
+def plot_psnr(psnr: dict, path: Path, game: str, model_label: str = "model, true actions") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     t = np.arange(1, len(psnr["model"]) + 1)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.plot(t, psnr["model"], label="model, true actions", color="tab:blue")
+    ax.plot(t, psnr["model"], label=model_label, color="tab:blue")
     ax.plot(t, psnr["random"], label="model, random actions", color="tab:orange", alpha=0.8)
     ax.plot(t, psnr["copy"], label="copy last real frame", color="gray", ls="--")
     ax.set_xscale("log", base=2)
