@@ -174,8 +174,7 @@ def main(argv=None) -> None:
     report["play_sps"] = cfg.sps_steps / (time.perf_counter() - t0)
     report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched,
                   held_out_episodes=len(files), starts=len(starts), device=str(env.device), threads=cfg.threads,
-                  config=dataclasses.asdict(cfg))
-    report["latents"] = cfg.latents
+                  latents=cfg.latents, config=dataclasses.asdict(cfg))
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if cfg.latents == "a2l" else "_encoder_latents"   # never overwrite the real chain's report
     save_json(out_dir / f"report{suffix}.json", report)
