@@ -164,6 +164,9 @@ def main(argv=None) -> None:
     report["latent_acc"] = whole / n
     report["latent_frame_match"] = same / n
 
+    if cfg.game == "breakout":
+        report.update(serve_drawn(env, eps))
+
     # play_sps: the full chain, batch 1 (action -> latent -> decoder -> uint8 frame)
     env.reset(options={"frames": eps[0]["frames"][:k]})
     for _ in range(10):
@@ -183,6 +186,34 @@ def main(argv=None) -> None:
     print(format_table(report))
     if cfg.readme:
         update_readme(Path(cfg.readme), report, cfg)
+
+
+@torch.inference_mode()
+def serve_drawn(env, eps, serve_rows=(110, 130)) -> dict:
+    """Breakout's serve: the ball appears (rows 110-130) where the frame before had none, at one of a few
+    places the game picks. Share of held-out serves where the world model, from the real frames, draws a
+    ball: with the encoder's latent of the real transition, and with the action->latent model's latent."""
+    k, wm, pal = env.context_length, env.world_model, env.palette
+    ctx, nxt, act, prev = [], [], [], []
+    for ep in eps:
+        fr, a = ep["frames"], ep["actions"]
+        balls = [wm_metrics.ball_position(f) for f in fr]
+        for t in range(k - 1, len(fr) - 1):
+            if balls[t] is None and balls[t + 1] is not None and serve_rows[0] <= balls[t + 1][0] < serve_rows[1]:
+                ctx.append(fr[t - k + 1:t + 1]); nxt.append(fr[t + 1])
+                act.append(int(a[t])); prev.append(int(a[t - 1]) if t else 0)
+    if not ctx:
+        return {"serves": 0}
+    drawn = {"encoder": [], "a2l": []}
+    for b in range(0, len(ctx), 64):
+        c = torch.from_numpy(pal.to_index(np.stack(ctx[b:b + 64]))).to(env.device)
+        _, true, _ = wm.encode(c, torch.from_numpy(pal.to_index(np.stack(nxt[b:b + 64]))).to(env.device))
+        pred = env.a2l.sample(torch.tensor(act[b:b + 64], device=env.device), c,
+                              prev_action=torch.tensor(prev[b:b + 64], device=env.device))
+        for name, codes in (("encoder", true), ("a2l", pred)):
+            frames = pal.to_rgb(wm.predict_next(c, codes).cpu().numpy())
+            drawn[name] += [wm_metrics.ball_position(f) is not None for f in frames]
+    return {"serves": len(ctx), **{f"serve_drawn_{n}": float(np.mean(v)) for n, v in drawn.items()}}
 
 
 @torch.inference_mode()
@@ -227,7 +258,7 @@ def format_table(r: dict) -> str:
             rows.append(f"| psnr@{t} (copy-last) | {r[f'psnr@{t}']:.2f} ({r[f'copy_last_psnr@{t}']:.2f}) | "
                         f"{'> copy-last' if t == 16 else ''} | {('yes' if ok else 'no') if t == 16 else ''} |")
     for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_missed", "ball_spurious", "ball_err_px",
-                "off_palette", "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
+                "serve_drawn_encoder", "serve_drawn_a2l", "off_palette", "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
         if key in r:
             bar, test = BARS.get(key, ("", None))
             val = f"{r[key]:.2%}" if key == "off_palette" else f"{r[key]:.3f}" if isinstance(r[key], float) else r[key]

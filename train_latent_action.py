@@ -51,8 +51,12 @@ class Config:
     enc_width: int = arg(64, "encoder channels")
     enc_depth: int = arg(2, "encoder residual blocks")
     num_tokens: int = arg(1, "latent tokens per transition")
-    codebook_size: int = arg(8, "codes per token (8: chosen by measurement, README stage 3)")
+    codebook_size: int = arg(16, "codes per token (16 with --positional: README stage 3)")
     code_dim: int = arg(32, "code vector size")
+    positional: bool = arg(True, "learned per-cell position embedding in encoder and decoder, and position-keeping "
+                                 "pooling in the encoder (without it nothing can be drawn at a chosen empty place)")
+    dead_code: float = arg(1e-4, "re-seed a code whose EMA uses per batch fall below this (at batch 32, 2 would expire every "
+                                  "code rarer than 6%% of transitions; 1e-4 only codes unused for ~90 batches)")
     max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
     self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
@@ -83,7 +87,7 @@ class Config:
 
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
-                "codebook_size", "code_dim", "max_colors")
+                "codebook_size", "code_dim", "max_colors", "positional")
 
 
 def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
@@ -202,6 +206,7 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "world_model_train")
+        state["config"].setdefault("positional", False)   # checkpoints from before the option
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -228,7 +233,7 @@ def main(argv=None) -> None:
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
-                              keep_bias_for(cfg.motion_weight)).to(device)
+                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional).to(device)
     if init is not None:
         model.load_state_dict(init.state_dict())
     if cfg.freeze_encoder:

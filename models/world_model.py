@@ -157,24 +157,43 @@ class ResBlock(nn.Module):
 
 class GridNet(nn.Module):
     """Embed frames, project to `width` channels on the 27x20 grid, `depth` residual blocks (FiLM-
-    conditioned on `cond` when cond_dim > 0)."""
+    conditioned on `cond` when cond_dim > 0). With `positional`, a learned embedding per grid cell is
+    added after the projection: a conv stack is translation-equivariant, so without it the decoder cannot
+    tell one empty cell from another and has no way to draw something where nothing was (the ball's
+    serve, at one of a few places chosen by the game)."""
 
-    def __init__(self, num_colors: int, frames: int, width: int, depth: int, embed_dim: int, cond_dim: int = 0):
+    def __init__(self, num_colors: int, frames: int, width: int, depth: int, embed_dim: int, cond_dim: int = 0,
+                 positional: bool = False):
         super().__init__()
         self.embed = FrameEmbed(num_colors, embed_dim)
         self.proj = nn.Conv2d(frames * embed_dim * CELL * CELL, width, 1)
+        # channels-last (1, 27, 20, width), added where the projection is channels-last too
+        self.pos = nn.Parameter(torch.zeros(1, (H + PAD_H) // CELL, W // CELL, width)) if positional else None
         self.blocks = nn.ModuleList(ResBlock(width, cond_dim) for _ in range(depth))
 
     def embed_project(self, idx: torch.Tensor) -> torch.Tensor:
         """The 1x1 projection as a matmul over the channels-last embedding; the result is a channels_last
         NCHW view, no copy (proj stays a Conv2d so the weights keep their layout and name)."""
-        return F.linear(self.embed(idx), self.proj.weight.flatten(1), self.proj.bias).permute(0, 3, 1, 2)
+        x = F.linear(self.embed(idx), self.proj.weight.flatten(1), self.proj.bias)
+        if self.pos is not None:
+            x = x + self.pos
+        return x.permute(0, 3, 1, 2)
 
     def forward(self, idx, cond=None):
         x = self.embed_project(idx)
         for b in self.blocks:
             x = b(x, cond)
         return x
+
+
+def spatial_soft_argmax(h: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, 2C): per channel, the softmax-weighted mean (x, y) over the grid, in [-1, 1].
+    Mean and max pooling forget *where* a feature fired; this keeps it (Levine et al. 2016's keypoints)."""
+    B, C, gh, gw = h.shape
+    p = torch.softmax(h.flatten(2).float(), -1).view(B, C, gh, gw)
+    ys = torch.linspace(-1, 1, gh, device=h.device, dtype=p.dtype)
+    xs = torch.linspace(-1, 1, gw, device=h.device, dtype=p.dtype)
+    return torch.cat([(p.sum(3) * ys).sum(2), (p.sum(2) * xs).sum(2)], 1).to(h.dtype)
 
 
 # ----------------------------------------------------------------------------- latent action model
@@ -184,23 +203,32 @@ class LatentActionModel(nn.Module):
 
     def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
-                 code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0):
+                 code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0, dead_code: float = 2.0,
+                 positional: bool = False):
         super().__init__()
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
                             enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
                             codebook_size=codebook_size, code_dim=code_dim, head_hidden=head_hidden,
-                            keep_bias=keep_bias)
+                            keep_bias=keep_bias, dead_code=dead_code, positional=positional)
         self.keep_bias = keep_bias   # added to the keep logit when decoding (keep_bias_for); 0 = raw argmax
         self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
-        self.codebook_size, self.code_dim = codebook_size, code_dim
-        # encoder: sees context frames and the next frame
-        self.enc = GridNet(num_colors, context + 1, enc_width, enc_depth, embed_dim)
-        self.enc_out = nn.Sequential(nn.Linear(2 * enc_width, 256), nn.SiLU(), nn.Linear(256, num_tokens * code_dim))
+        self.codebook_size, self.code_dim, self.positional = codebook_size, code_dim, positional
+        # encoder: sees context frames and the next frame; pooled by mean, max (and, with `positional`,
+        # where each feature fired, so a latent can say where something appeared)
+        self.enc = GridNet(num_colors, context + 1, enc_width, enc_depth, embed_dim, positional=positional)
+        pooled = (4 if positional else 2) * enc_width
+        self.enc_out = nn.Sequential(nn.Linear(pooled, 256), nn.SiLU(), nn.Linear(256, num_tokens * code_dim))
+        # dead_code: a code whose EMA count per batch falls below it is re-seeded from the batch. That
+        # count is per batch, so a threshold of 2 at batch 32 expires every code rarer than 6% of the
+        # transitions -- e.g. the ball's serve, which happens in ~2% of them and has 4-5 possible places.
         self.vq = VectorQuantize(dim=code_dim, codebook_size=codebook_size, decay=0.9, commitment_weight=0.25,
-                                 kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=2)
+                                 kmeans_init=True, kmeans_iters=10, threshold_ema_dead_code=dead_code)
+        # a re-seeded code starts with this EMA count (the library uses the threshold itself, which for a
+        # low threshold expires the code again one unused batch later); pinned library version, see README
+        self.vq._codebook.reset_cluster_size = max(dead_code, 1.0)
         # decoder: sees context frames, FiLM-conditioned on the quantised latent
         cond = num_tokens * code_dim
-        self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond)
+        self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond, positional=positional)
         # Per pixel: class 0 = "keep the last frame's colour", class 1 + c = "becomes palette colour c".
         # 1x1 convs written as Linear over cells: the same maths, 2x faster on CPU at batch 1.
         self.head = nn.Sequential(nn.Linear(width, head_hidden), nn.SiLU(),
@@ -231,7 +259,8 @@ class LatentActionModel(nn.Module):
     def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):
         """-> quantised latent (B, T, D), codes (B, T), commitment loss. Target is t -> t+1."""
         h = self.enc(torch.cat([context_idx, next_idx[:, None]], 1))
-        z = self.enc_out(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1)).view(-1, self.num_tokens, self.code_dim)
+        pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
+        z = self.enc_out(torch.cat(pooled, 1)).view(-1, self.num_tokens, self.code_dim)
         quantized, codes, commit = self.vq(z)
         return quantized, codes, commit
 

@@ -17,7 +17,10 @@ sys.path.insert(0, str(ROOT))
 
 TINY_WM = ["--width", "16", "--depth", "1", "--enc-width", "16", "--enc-depth", "1", "--head-hidden", "32",
            "--code-dim", "8", "--codebook-size", "4", "--batch-size", "8", "--val-samples", "64",
-           "--rollout-starts", "2", "--threads", "1", "--wandb", "disabled"]
+           "--rollout-starts", "2", "--threads", "1", "--wandb", "disabled",
+           # a few dozen steps are too few for k-means + EMA alone to spread 4 codes; the old expiry
+           # threshold re-seeds idle codes quickly (the shipped default keeps rare codes in long runs)
+           "--dead-code", "2"]
 
 
 def run_script(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

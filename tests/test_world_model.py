@@ -5,8 +5,9 @@ import torch
 import gameplay_data as gd
 from common import UserError
 from conftest import TINY_WM, run_script
-from models.world_model import (LatentActionModel, Palette, add_speckle, apply_change, change_target, from_cells,
-                                keep_bias_for, load_world_model, motion_weights, save_weights, to_cells)
+from models.world_model import (GridNet, LatentActionModel, Palette, add_speckle, apply_change, change_target,
+                                from_cells, keep_bias_for, load_world_model, motion_weights, save_weights,
+                                spatial_soft_argmax, to_cells)
 
 
 def tiny_model(**kw):
@@ -98,6 +99,40 @@ def test_keep_bias_is_applied_when_decoding_and_derived_for_older_weights(tmp_pa
             "palette": np.zeros((6, 3), np.uint8).tolist()}
     save_weights(tmp_path / "old.safetensors", tiny_model(), meta)
     assert load_world_model(tmp_path / "old.safetensors")[0].keep_bias == pytest.approx(np.log(5.0))
+
+
+def test_positional_grid_tells_empty_cells_apart_and_soft_argmax_finds_a_feature():
+    torch.manual_seed(0)
+    blank = torch.zeros(1, 2, 210, 160, dtype=torch.uint8)
+    plain = GridNet(6, 2, 8, 1, 4)(blank)[0]
+    # translation-equivariant: two interior cells of an empty screen look the same...
+    assert torch.allclose(plain[:, 10, 5], plain[:, 15, 12], atol=1e-6)
+    net = GridNet(6, 2, 8, 1, 4, positional=True)
+    with torch.no_grad():
+        net.pos.normal_()
+    pos = net(blank)[0]
+    # ...unless each cell carries its own learned embedding
+    assert not torch.allclose(pos[:, 10, 5], pos[:, 15, 12], atol=1e-3)
+    h = torch.zeros(1, 2, 27, 20)
+    h[0, 0, 26, 0] = h[0, 1, 0, 19] = 50.0              # channel 0 fires bottom-left, channel 1 top-right
+    yx = spatial_soft_argmax(h)[0]                       # (y0, y1, x0, x1)
+    assert torch.allclose(yx, torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
+
+
+def test_a_rare_kind_of_transition_keeps_its_own_code_only_with_a_low_dead_code_threshold():
+    """The dead-code threshold counts uses per batch: at batch 32 a threshold of 2 re-seeds every code used by
+    fewer than 6% of the transitions, so a 2%-rare event (the ball's serve) never keeps a code of its own."""
+    def own_code(dead_code, seed):
+        torch.manual_seed(seed)
+        vq = tiny_model(dead_code=dead_code).train().vq
+        centers = torch.randn(4, 8) * 3                      # 3 common kinds (32% each) and a rare one (2%)
+        for _ in range(300):
+            kind = torch.multinomial(torch.tensor([0.33, 0.33, 0.32, 0.02]), 32, replacement=True)
+            vq(centers[kind][:, None] + 0.1 * torch.randn(32, 1, 8))
+        codes = vq.eval()(centers[:, None])[1].flatten()
+        return codes[3] not in codes[:3]
+    assert sum(own_code(1e-4, s) for s in range(6)) >= 4   # the training default
+    assert sum(own_code(2.0, s) for s in range(6)) <= 1
 
 
 def test_speckle_noise_persists_across_context_frames_and_stays_on_palette():
