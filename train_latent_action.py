@@ -206,7 +206,8 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "world_model_train")
-        state["config"].setdefault("positional", False)   # checkpoints from before the option
+        for key, old_default in (("positional", False), ("dead_code", 2.0)):   # checkpoints from before the options
+            state["config"].setdefault(key, old_default)
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
