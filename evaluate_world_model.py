@@ -143,18 +143,12 @@ def main(argv=None) -> None:
     report["off_palette"] = float(np.mean(off))
 
     # latent_acc: action->latent prediction vs the encoder's latent on held-out transitions
-    wm, a2l, pal = env.world_model, env.a2l, env.palette
+    wm = env.world_model
     tok = whole = same = n = 0
     with torch.inference_mode():
         for _ in range(max(1, cfg.latent_samples // 128)):
             picks = [(e, int(rng.integers(0, len(eps[e]["actions"])))) for e in rng.integers(0, len(eps), 128)]
-            ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
-            nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
-            act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
-            prev = torch.tensor([int(eps[e]["actions"][t - 1]) if t else 0 for e, t in picks], device=env.device)
-            ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
-            _, true, _ = wm.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
-            pred = a2l.sample(act, ctx_i, prev_action=prev)
+            ctx_i, true, pred = encoder_and_a2l_codes(env, eps, picks)
             tok += (pred == true).sum().item()
             whole += (pred == true).all(1).sum().item()
             # two codes may draw the same frame: count where the predicted latent draws the encoder's frame
@@ -193,27 +187,33 @@ def serve_drawn(env, eps, serve_rows=(110, 130)) -> dict:
     """Breakout's serve: the ball appears (rows 110-130) where the frame before had none, at one of a few
     places the game picks. Share of held-out serves where the world model, from the real frames, draws a
     ball: with the encoder's latent of the real transition, and with the action->latent model's latent."""
-    k, wm, pal = env.context_length, env.world_model, env.palette
-    ctx, nxt, act, prev = [], [], [], []
-    for ep in eps:
-        fr, a = ep["frames"], ep["actions"]
-        balls = [wm_metrics.ball_position(f) for f in fr]
-        for t in range(k - 1, len(fr) - 1):
-            if balls[t] is None and balls[t + 1] is not None and serve_rows[0] <= balls[t + 1][0] < serve_rows[1]:
-                ctx.append(fr[t - k + 1:t + 1]); nxt.append(fr[t + 1])
-                act.append(int(a[t])); prev.append(int(a[t - 1]) if t else 0)
-    if not ctx:
+    picks = []
+    for e, ep in enumerate(eps):
+        balls = [wm_metrics.ball_position(f) for f in ep["frames"]]
+        picks += [(e, t) for t in range(env.context_length - 1, len(balls) - 1) if balls[t] is None
+                  and balls[t + 1] is not None and serve_rows[0] <= balls[t + 1][0] < serve_rows[1]]
+    if not picks:
         return {"serves": 0}
     drawn = {"encoder": [], "a2l": []}
-    for b in range(0, len(ctx), 64):
-        c = torch.from_numpy(pal.to_index(np.stack(ctx[b:b + 64]))).to(env.device)
-        _, true, _ = wm.encode(c, torch.from_numpy(pal.to_index(np.stack(nxt[b:b + 64]))).to(env.device))
-        pred = env.a2l.sample(torch.tensor(act[b:b + 64], device=env.device), c,
-                              prev_action=torch.tensor(prev[b:b + 64], device=env.device))
+    for b in range(0, len(picks), 64):
+        ctx_i, true, pred = encoder_and_a2l_codes(env, eps, picks[b:b + 64])
         for name, codes in (("encoder", true), ("a2l", pred)):
-            frames = pal.to_rgb(wm.predict_next(c, codes).cpu().numpy())
+            frames = env.palette.to_rgb(env.world_model.predict_next(ctx_i, codes).cpu().numpy())
             drawn[name] += [wm_metrics.ball_position(f) is not None for f in frames]
-    return {"serves": len(ctx), **{f"serve_drawn_{n}": float(np.mean(v)) for n, v in drawn.items()}}
+    return {"serves": len(picks), **{f"serve_drawn_{n}": float(np.mean(v)) for n, v in drawn.items()}}
+
+
+def encoder_and_a2l_codes(env, eps, picks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For held-out transitions (episode, t): the context (palette indices), the encoder's latent of the real
+    t -> t+1, and the action->latent model's latent from a_t (and a_t-1) and the same context."""
+    k, pal = env.context_length, env.palette
+    ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
+    nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
+    act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
+    prev = torch.tensor([int(eps[e]["actions"][t - 1]) if t else 0 for e, t in picks], device=env.device)
+    ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
+    _, true, _ = env.world_model.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
+    return ctx_i, true, env.a2l.sample(act, ctx_i, prev_action=prev)
 
 
 @torch.inference_mode()
