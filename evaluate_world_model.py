@@ -183,15 +183,10 @@ def main(argv=None) -> None:
 
 
 @torch.inference_mode()
-def serve_drawn(env, eps, serve_rows=(110, 130)) -> dict:
-    """Breakout's serve: the ball appears (rows 110-130) where the frame before had none, at one of a few
-    places the game picks. Share of held-out serves where the world model, from the real frames, draws a
+def serve_drawn(env, eps) -> dict:
+    """Share of held-out serves (metrics.serve_steps) where the world model, from the real frames, draws a
     ball: with the encoder's latent of the real transition, and with the action->latent model's latent."""
-    picks = []
-    for e, ep in enumerate(eps):
-        balls = [wm_metrics.ball_position(f) for f in ep["frames"]]
-        picks += [(e, t) for t in range(env.context_length - 1, len(balls) - 1) if balls[t] is None
-                  and balls[t + 1] is not None and serve_rows[0] <= balls[t + 1][0] < serve_rows[1]]
+    picks = [(e, t) for e, ep in enumerate(eps) for t in wm_metrics.serve_steps(ep["frames"], env.context_length - 1)]
     if not picks:
         return {"serves": 0}
     drawn = {"encoder": [], "a2l": []}

@@ -59,7 +59,7 @@ def error_grid(context_rgb: np.ndarray, real_rgb: np.ndarray, pred_rgb: np.ndarr
 
 
 # ----------------------------------------------------------------------------- Breakout object detector
-# Documented from the real game (GUIDE §1), checked against the RAM in tests/test_metrics.py:
+# Documented from the real game (GUIDE §1), checked against the RAM in tests/test_neural_env.py:
 # paddle, ball and top bricks share colour (200, 72, 72); the paddle lives in rows 189-192 with its left
 # edge in 8..144 (RAM[72] - 47); a static red block sits at x 152-159, so columns >= 152 are ignored;
 # bricks fill rows 57-92, so a red pixel in rows 93-188 is the ball (top row RAM[101] + 9, left column
@@ -95,6 +95,14 @@ def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
     if len(pts) == 0:
         return None
     return float(pts[:, 0].min() + BALL_ROWS.start), float(pts[:, 1].min() + PLAY_COLS.start)
+
+
+def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = (110, 130)) -> list[int]:
+    """Breakout's serve: the steps t (>= first) where frame t shows no ball and frame t+1 shows one in
+    `rows`, at one of a few places the game picks (around x 18, 79 or 140) that no frame predicts."""
+    balls = [ball_position(f) for f in frames]
+    return [t for t in range(first, len(balls) - 1)
+            if balls[t] is None and balls[t + 1] is not None and rows[0] <= balls[t + 1][0] < rows[1]]
 
 
 def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:

@@ -256,12 +256,15 @@ class LatentActionModel(nn.Module):
         return self
 
     # --- encoder
-    def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):
-        """-> quantised latent (B, T, D), codes (B, T), commitment loss. Target is t -> t+1."""
+    def encoder_output(self, context_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """-> (B, T, D): the encoder's continuous output, before quantisation."""
         h = self.enc(torch.cat([context_idx, next_idx[:, None]], 1))
         pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
-        z = self.enc_out(torch.cat(pooled, 1)).view(-1, self.num_tokens, self.code_dim)
-        quantized, codes, commit = self.vq(z)
+        return self.enc_out(torch.cat(pooled, 1)).view(-1, self.num_tokens, self.code_dim)
+
+    def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):
+        """-> quantised latent (B, T, D), codes (B, T), commitment loss. Target is t -> t+1."""
+        quantized, codes, commit = self.vq(self.encoder_output(context_idx, next_idx))
         return quantized, codes, commit
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,19 @@ def test_detector_matches_ram_on_real_frames():
     assert paddles > 100 and balls > 20
 
 
+def test_serves_are_found_exactly_after_fire_with_no_ball_in_play():
+    env = atari_env.make_world_model_env("breakout")
+    frames = [env.reset(seed=1)[0]]
+    for t in range(300):   # FIRE every 40 steps, NOOP between: the ball is served, missed, served again
+        obs, _, term, _, _ = env.step(1 if t % 40 == 0 else 0)
+        frames.append(obs)
+        if term:
+            break
+    serves = metrics.serve_steps(np.stack(frames))
+    assert len(serves) >= 3 and all(t % 40 == 0 for t in serves)
+    assert all(metrics.ball_position(frames[t]) is None for t in serves)
+
+
 def test_object_errors_and_off_palette():
     a = np.zeros((1, 210, 160, 3), np.uint8)
     a[0, 189:193, 40:56] = metrics.BREAKOUT_RED
