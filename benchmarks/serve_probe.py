@@ -40,9 +40,10 @@ def decoder_side(model, palette, files) -> dict:
     k, out = model.context, {"serve": [], "move": []}
     for f in files:
         ep = gd.load_episode(f)
-        balls = [metrics.ball_position(x) for x in ep["frames"]]
-        serves = metrics.serve_steps(ep["frames"], k - 1)
-        moves = [t for t in range(k - 1, len(balls) - 1, 7) if balls[t] is not None and balls[t + 1] is not None]
+        fr = ep["frames"]
+        serves = metrics.serve_steps(fr, k - 1)
+        moves = [t for t in range(k - 1, len(fr) - 1, 7)
+                 if metrics.ball_position(fr[t]) is not None and metrics.ball_position(fr[t + 1]) is not None]
         for kind, steps in (("serve", serves), ("move", moves)):
             if not steps:
                 continue
@@ -51,7 +52,7 @@ def decoder_side(model, palette, files) -> dict:
             p_true = model.decode_cells(ctx, q).softmax(2).gather(2, to_cells(change_target(ctx[:, -1], nxt))[:, :, None].long())
             drawn = palette.to_rgb(model.predict_next(ctx, codes).numpy())
             for i, t in enumerate(steps):
-                r, c = (int(v) for v in balls[t + 1])
+                r, c = (int(v) for v in metrics.ball_position(fr[t + 1]))
                 near = torch.zeros(210, 160, dtype=torch.bool)
                 near[max(0, r - 4):r + 5, max(0, c - 4):c + 5] = True
                 new_ball = to_cells(((ctx[i, -1] != nxt[i]) & near)[None].to(torch.uint8))[0].bool()   # pixels that become the ball
