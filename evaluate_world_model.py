@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = ep["frames"][s - k + 1:s + 1]
         for mode in ("model", "random"):
-            env.reset(options={"frames": context, "prev_action": int(ep["actions"][s - 1])})
+            env.reset(options={"frames": context, "past_actions": ep["actions"][max(0, s - 8):s].tolist()})
             if mode == "model" and cfg.latents == "encoder":
                 frames = np.stack([env.step_latent(c) for c in encoder_codes(env, np.concatenate([context, real]))])
             else:
@@ -200,15 +200,17 @@ def serve_drawn(env, eps) -> dict:
 
 def encoder_and_a2l_codes(env, eps, picks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For held-out transitions (episode, t): the context (palette indices), the encoder's latent of the real
-    t -> t+1, and the action->latent model's latent from a_t (and a_t-1) and the same context."""
+    t -> t+1, and the action->latent model's latent from a_t (and the actions before it) and the same context."""
     k, pal = env.context_length, env.palette
     ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
-    prev = torch.tensor([int(eps[e]["actions"][t - 1]) if t else 0 for e, t in picks], device=env.device)
+    n = env.a2l.past_actions
+    past = torch.tensor(np.array([[eps[e]["actions"][u] if u >= 0 else 0 for u in range(t - n, t)] for e, t in picks]),
+                        dtype=torch.long, device=env.device).view(len(picks), n)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
-    return ctx_i, true, env.a2l.sample(act, ctx_i, prev_action=prev)
+    return ctx_i, true, env.a2l.sample(act, ctx_i, past_actions=past)
 
 
 @torch.inference_mode()

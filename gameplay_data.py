@@ -90,16 +90,19 @@ class GameplayWindows(Dataset):
     """Windows over recorded episodes: (k history frames, action, next frame).
 
     Item i -> dict(context=(k, 210, 160, 3) uint8 frames t-k+1..t, action=a_t, prev_action=a_{t-1} (NOOP = 0
-    at the start), next=(210, 160, 3) frame t+1, episode, t). Before an episode's start the first frame is repeated. Episodes are decoded lazily
+    at the start), past_actions=(n,) a_{t-n}..a_{t-1} (NOOP before the start), next=(210, 160, 3) frame t+1,
+    episode, t). Before an episode's start the first frame is repeated. Episodes are decoded lazily
     into a small LRU cache, so RAM holds `cache_episodes` episodes, not the dataset; pair it with
     EpisodeGroupSampler to decode each episode once per pass.
     """
 
-    def __init__(self, files: list[Path], context: int = 2, cache_episodes: int = 16, frame_transform=None):
+    def __init__(self, files: list[Path], context: int = 2, cache_episodes: int = 16, frame_transform=None,
+                 past_actions: int = 1):
         """`frame_transform` maps an episode's (T+1, 210, 160, 3) frames once, when it is decoded
         (the world model stores palette indices: 3x less RAM, no per-batch conversion)."""
         self.files, self.context, self.cache_episodes = list(files), context, cache_episodes
         self.frame_transform = frame_transform
+        self.past_actions = past_actions
         self.index: list[tuple[int, int]] = []
         self.lengths = []
         for e, f in enumerate(self.files):
@@ -127,8 +130,10 @@ class GameplayWindows(Dataset):
         e, t = self.index[i]
         ep = self.episode(e)
         ctx = ep["frames"][np.clip(np.arange(t - self.context + 1, t + 1), 0, None)]
+        lags = np.arange(t - self.past_actions, t)
+        past = np.where(lags >= 0, ep["actions"][np.clip(lags, 0, None)], 0)
         return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
-                "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0,
+                "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0, "past_actions": torch.from_numpy(past).long(),
                 "next": torch.from_numpy(np.ascontiguousarray(ep["frames"][t + 1])), "episode": e, "t": t}
 
 

@@ -41,7 +41,8 @@ class Config:
     world_model: str = arg("", "world model weights (default checkpoints/<game>/world_model.safetensors)")
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
-    prev_action: bool = arg(True, "v2 also sees the previous action (a press moves the paddle over two steps)")
+    past_actions: int = arg(1, "v2 also sees this many actions before a_t (a press moves the paddle over two steps)")
+    positional: bool = arg(False, "v2 frame encoder knows where each grid cell is and pools by where features fire")
     width: int = arg(48, "v2 frame-encoder channels")
     depth: int = arg(2, "v2 frame-encoder residual blocks")
     steps: int = arg(800, "optimiser steps")
@@ -90,9 +91,9 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         ctx = torch.stack([it["context"] for it in items]).to(device)
         nxt = torch.stack([it["next"] for it in items]).to(device)
         act = torch.tensor([it["action"] for it in items], device=device)
-        prev = torch.tensor([it["prev_action"] for it in items], device=device)
+        past = torch.stack([it["past_actions"] for it in items]).to(device)
         true = torch.stack([it["codes"] for it in items]).to(device)
-        pred = a2l.sample(act, ctx, prev_action=prev)
+        pred = a2l.sample(act, ctx, past_actions=past)
         np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
         ok_tok = (pred == true)
         ok = ok_tok.all(1)
@@ -156,7 +157,7 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "action_to_latent_train")
-        cfg = restore_config(cfg, state["config"], fixed=("game", "model", "width", "depth", "prev_action"))
+        cfg = restore_config(cfg, state["config"], fixed=("game", "model", "width", "depth", "past_actions", "positional"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -168,10 +169,11 @@ def main(argv=None) -> None:
     val_files = gd.split_episodes(data_dir, "val", cfg.val_percent)
     pairs = load_pairs(data_dir, train_files + val_files, wm_path)
     k = wm.context
-    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index), pairs)
-    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index), pairs)
-    a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size,
-                         cfg.width, cfg.depth, prev_action=cfg.prev_action and cfg.model == "v2").to(device)
+    past_actions = cfg.past_actions if cfg.model == "v2" else 0
+    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, past_actions), pairs)
+    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, past_actions), pairs)
+    a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size, cfg.width,
+                         cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2").to(device)
     opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
@@ -203,7 +205,7 @@ def main(argv=None) -> None:
         while step < cfg.steps:
             for items in loader:
                 ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
-                logits = a2l(act, ctx if cfg.model == "v2" else None, items["prev_action"].to(device))
+                logits = a2l(act, ctx if cfg.model == "v2" else None, items["past_actions"].to(device))
                 loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

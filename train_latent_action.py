@@ -27,7 +27,8 @@ import metrics as wm_metrics
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
-from models.world_model import LatentActionModel, Palette, add_speckle, keep_bias_for, load_world_model, save_weights
+from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, keep_bias_for,
+                                load_action_to_latent, load_world_model, read_weights, save_weights)
 
 PRESETS = {
     "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
@@ -64,6 +65,14 @@ class Config:
     context_noise: float = arg(0.0, "fraction of each batch whose decoder context gets persistent stray pixels "
                                     "to erase (add_speckle); the encoder always sees clean frames")
     noise_density: float = arg(0.003, "largest share of pixels a noised context gets")
+    action_prior: float = arg(0.0, "weight pulling the encoder's output toward the codes that an action->latent prior "
+                                    "(trained alongside: frames + key + past keys) predicts, so the latent keeps little "
+                                    "that the keys cannot tell and stage 5 can reach it (0 = off; README stage 5)")
+    prior_width: int = arg(32, "channels of that prior's frame encoder")
+    prior_past_actions: int = arg(2, "past keys that prior sees besides a_t")
+    prior_warmup: int = arg(1000, "steps over which the pull rises from 0 to --action_prior (the codes settle first)")
+    prior_from: str = arg("", "start the prior from these action_to_latent.safetensors (stage 5's model for --init_from's "
+                              "world model; its shape replaces --prior_width/--prior_past_actions)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
     freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
     steps: int = arg(3000, "optimiser steps")
@@ -88,6 +97,7 @@ class Config:
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
                 "codebook_size", "code_dim", "max_colors", "positional")
+PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
 
 
 def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
@@ -114,15 +124,33 @@ def self_forced_context(model: LatentActionModel, history: torch.Tensor, fractio
     return torch.cat([history[:, 1:-1], last[:, None]], 1)
 
 
-def to_batch(items: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return items["context"].to(device), items["next"].to(device), items["action"].to(device)
+def to_batch(items: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (items["context"].to(device), items["next"].to(device), items["action"].to(device),
+            items["past_actions"].to(device))
+
+
+def make_prior(cfg, palette: Palette, world_meta: dict | None) -> ActionToLatent:
+    """The action->latent prior trained alongside the world model when --action_prior > 0 (same network
+    as stage 5's v2, smaller): it learns which code the encoder picks from what play time knows.
+    With --prior_from, stage 5's trained model for the --init_from world model."""
+    if cfg.prior_from:
+        if world_meta is None:   # resuming: the shape from the file, the weights from the checkpoint
+            return ActionToLatent(**read_weights(cfg.prior_from, "action_to_latent")[1]["hparams"])
+        prior, _ = load_action_to_latent(cfg.prior_from, world_meta)
+        if prior.version != "v2":
+            raise UserError(f"--prior_from {cfg.prior_from} is a {prior.version} model; the prior needs v2 (frames)")
+        return prior.train()
+    return ActionToLatent("v2", len(atari_env.action_names(cfg.game)), len(palette), cfg.context, cfg.num_tokens,
+                          cfg.codebook_size, cfg.prior_width, 2, past_actions=cfg.prior_past_actions, positional=True)
 
 
 @torch.no_grad()
 def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows, cfg: Config, device,
-             grid_path: Path) -> dict:
-    """psnr@1 / motion_psnr@1 with the encoder's latent vs copy-last, on held-out episodes."""
+             grid_path: Path, prior: ActionToLatent | None = None) -> dict:
+    """psnr@1 / motion_psnr@1 with the encoder's latent vs copy-last, on held-out episodes (and, with a
+    prior, how often it predicts the encoder's code: what stage 5 can hope for)."""
     model.eval()
+    prior_hits = 0
     pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("psnr", "copy", "motion", "motion_copy")}
     codes_seen, action_code = Counter(), Counter()
@@ -134,6 +162,10 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
         nxt = torch.stack([it["next"] for it in items]).to(device)
         q, codes, _ = model.encode(ctx, nxt)
         codes_seen.update(codes.flatten().tolist())
+        if prior is not None:
+            past = torch.stack([it["past_actions"] for it in items]).to(device)
+            act = torch.tensor([it["action"] for it in items], device=device)
+            prior_hits += (prior.sample(act, ctx, past_actions=past) == codes).all(1).sum().item()
         action_code.update((it["prev_action"], it["action"], tuple(c)) for it, c in zip(items, codes.tolist()))
         pred = model.predict_next(ctx, codes)
         real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
@@ -150,7 +182,8 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     model.train()
     return {**wm_metrics.latent_purity(action_code), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
-            "val_codes_used": len(codes_seen), **tf}
+            "val_codes_used": len(codes_seen), **tf,
+            **({"prior_latent_acc": prior_hits / len(pick)} if prior is not None else {})}
 
 
 @torch.no_grad()
@@ -200,15 +233,19 @@ def main(argv=None) -> None:
     atari_env.game_spec(cfg.game)
     if cfg.context < 2:
         raise UserError("--context must be >= 2 (one frame cannot show the ball's velocity)")
+    if cfg.action_prior > 0 and cfg.freeze_encoder:
+        raise UserError("--action_prior shapes the encoder's latents; it cannot be used with --freeze_encoder")
+    if cfg.prior_from and not (cfg.init_from or cfg.resume):
+        raise UserError("--prior_from needs --init_from: the prior must be trained on that world model's codes")
     data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
     out_dir = Path(cfg.out_dir or f"checkpoints/{cfg.game}")
     ckpt_path = out_dir / "train" / "world_model.pt"
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "world_model_train")
-        for key, old_default in (("positional", False), ("dead_code", 2.0)):   # checkpoints from before the options
+        for key, old_default in (("positional", False), ("dead_code", 2.0), ("action_prior", 0.0)):   # from before the options
             state["config"].setdefault(key, old_default)
-        cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE)
+        cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE)
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -222,11 +259,11 @@ def main(argv=None) -> None:
 
     if cfg.eval_only:
         return validate_saved(cfg, out_dir, val_files, device)
-    init = None
+    init, init_meta = None, None
     if state is not None:
         palette = Palette(state["palette"].numpy())
     elif cfg.init_from:
-        init, palette, _ = load_world_model(cfg.init_from, cfg.game, device)
+        init, palette, init_meta = load_world_model(cfg.init_from, cfg.game, device)
         hp = init.hparams
         cfg = dataclasses.replace(cfg, **{k: hp[k] for k in ARCHITECTURE if k in hp})
     else:
@@ -239,8 +276,12 @@ def main(argv=None) -> None:
         model.load_state_dict(init.state_dict())
     if cfg.freeze_encoder:
         model.freeze_encoder()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
+    prior = make_prior(cfg, palette, init_meta).to(device) if cfg.action_prior > 0 else None
+    if prior is not None and prior.past_actions != cfg.prior_past_actions:   # --prior_from decides
+        cfg = dataclasses.replace(cfg, prior_past_actions=prior.past_actions)
+    params = list(model.named_parameters()) + (list(prior.named_parameters()) if prior is not None else [])
+    decay = [p for n, p in params if p.dim() >= 2 and p.requires_grad]
+    no_decay = [p for n, p in params if p.dim() < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -248,6 +289,8 @@ def main(argv=None) -> None:
     step, best = 0, {}
     if state is not None:
         model.load_state_dict(state["model"])
+        if prior is not None:
+            prior.load_state_dict(state["prior"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, best = state["step"], json.loads(state["last_val"])
@@ -257,8 +300,9 @@ def main(argv=None) -> None:
 
     to_index = palette.to_index
     # one extra history frame: self-forcing predicts the last context frame from the ones before it
-    train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index)
-    val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index)
+    past = cfg.prior_past_actions
+    train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index, past_actions=past)
+    val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index, past_actions=past)
     sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
     sampler.epoch = step // max(1, len(train) // cfg.batch_size)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
@@ -271,7 +315,8 @@ def main(argv=None) -> None:
         save_checkpoint(ckpt_path, {"kind": "world_model_train", "config": dataclasses.asdict(cfg),
                                     "model": strip_compile_prefix(model.state_dict()), "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "step": step, "palette": torch.as_tensor(palette.colors),
-                                    "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state()})
+                                    "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state(),
+                                    **({"prior": prior.state_dict()} if prior is not None else {})})
         save_weights(out_dir / "world_model.safetensors", model, {**meta, "step": step, "validation": last_val})
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
             save_start_frames(out_dir / START_FRAMES, real_start_frames(cfg.game, cfg.context, 8))
@@ -283,16 +328,22 @@ def main(argv=None) -> None:
     try:
         while step < cfg.steps:
             for items in loader:
-                history, nxt, _ = to_batch(items, device)
+                history, nxt, action, past_actions = to_batch(items, device)
                 ctx = history[:, 1:]
                 if cfg.self_forcing > 0:
                     ctx = self_forced_context(model, history, cfg.self_forcing)
                 if cfg.context_noise > 0:
                     ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    cells, codes, commit = fwd(history[:, 1:], nxt, ctx)
+                    cells, codes, commit, z = fwd(history[:, 1:], nxt, ctx)
                 recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)
                 loss = recon + commit.sum()
+                if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
+                    prior_logits = prior(action, history[:, 1:], past_actions)
+                    prior_ce = torch.nn.functional.cross_entropy(prior_logits.flatten(0, 1).float(), codes.flatten())
+                    pull = model.prior_pull(z, prior_logits)
+                    ramp = min(1.0, step / max(1, cfg.prior_warmup))
+                    loss = loss + prior_ce + cfg.action_prior * ramp * pull
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -307,18 +358,22 @@ def main(argv=None) -> None:
                     perplexity = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
                     logger.log({"loss": loss.item(), "recon": recon.item(), "commit": commit.sum().item(),
                                 "codes_used": int((counts > 0).sum()), "perplexity": perplexity,
-                                "lr": sched.get_last_lr()[0]}, step)
+                                "lr": sched.get_last_lr()[0],
+                                **({"prior_ce": prior_ce.item(), "prior_pull": pull.item(),
+                                    "prior_acc": (prior_logits.argmax(-1) == codes).all(1).float().mean().item()}
+                                   if prior is not None else {})}, step)
                     bar.set_postfix(loss=f"{recon.item():.4f}", codes=int((counts > 0).sum()), ppl=f"{perplexity:.1f}")
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     grid = out_dir / "train" / "world_model" / f"val_grid_{step:06d}.png"
-                    last_val = validate(model, palette, val, cfg, device, grid)
+                    last_val = validate(model, palette, val, cfg, device, grid, prior)
                     last_val["train_minutes"] = round((time.time() - t0) / 60, 1)
                     logger.log(last_val, step)
                     logger.log_image("val_grid", grid, step)
                     tqdm.write(f"step {step}: psnr@1 {last_val['psnr@1']:.2f} (copy-last {last_val['copy_last_psnr@1']:.2f}), "
                                f"motion_psnr@1 {last_val['motion_psnr@1']:.2f} (copy-last {last_val['copy_last_motion_psnr@1']:.2f}), "
                                f"tf_psnr@16 {last_val.get('tf_psnr@16', float('nan')):.2f} "
-                               f"(copy-last {last_val.get('tf_copy_last_psnr@16', float('nan')):.2f})")
+                               f"(copy-last {last_val.get('tf_copy_last_psnr@16', float('nan')):.2f})"
+                               + (f", prior latent_acc {last_val['prior_latent_acc']:.3f}" if prior is not None else ""))
                     checkpoint(last_val)
                 if step >= cfg.steps:
                     break

@@ -74,8 +74,12 @@ class NeuralAtariEnv(gym.Env):
             raise UserError(f"reset frames must be uint8 of shape ({k}, {H}, {W}, 3) (most recent last), "
                             f"got {frames.dtype} {frames.shape}")
         self._ctx = torch.from_numpy(self.palette.to_index(frames))[None].to(self.device)
-        # the action that led to the last frame (a press moves the paddle over two steps); NOOP by default
-        self._prev_action = torch.tensor([int((options or {}).get("prev_action", 0))], device=self.device)
+        # the actions that led to the last frame, oldest first (a press moves the paddle over two steps):
+        # options "past_actions" (a list) or "prev_action" (one int); NOOP before them
+        opts = options or {}
+        past = opts.get("past_actions", [opts.get("prev_action", 0)])
+        self._past = self.a2l.pad_history(torch.zeros(1, dtype=torch.long),
+                                          torch.tensor([[int(a) for a in past]]).view(1, -1)).to(self.device)
         self._steps = 0
         return self._obs(), {"step": 0}
 
@@ -92,8 +96,8 @@ class NeuralAtariEnv(gym.Env):
                                 f"({', '.join(self.action_names)}), got {action!r}")
         with torch.inference_mode():
             act = torch.tensor([int(action)], device=self.device)
-            codes = self.a2l.sample(act, self._ctx, self.temperature, self._generator, self._prev_action)
-            self._prev_action = act
+            codes = self.a2l.sample(act, self._ctx, self.temperature, self._generator, self._past)
+            self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)
             nxt = self.world_model.predict_next(self._ctx, codes)
             self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
         self._steps += 1

@@ -298,10 +298,22 @@ class LatentActionModel(nn.Module):
         return apply_change(context_idx[:, -1], from_cells(change))
 
     def forward(self, context_idx, next_idx, decode_context=None):
-        """Training pass: -> (decoder cell logits, codes, commitment loss). The encoder always sees the real
-        frames; the decoder sees `decode_context` when given (self-forcing), else the same frames."""
-        quantized, codes, commit = self.encode(context_idx, next_idx)
-        return self.decode_cells(context_idx if decode_context is None else decode_context, quantized), codes, commit
+        """Training pass: -> (decoder cell logits, codes, commitment loss, the encoder's continuous output).
+        The encoder always sees the real frames; the decoder sees `decode_context` when given (self-forcing),
+        else the same frames."""
+        z = self.encoder_output(context_idx, next_idx)
+        quantized, codes, commit = self.vq(z)
+        return self.decode_cells(context_idx if decode_context is None else decode_context, quantized), codes, commit, z
+
+    def prior_pull(self, z: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
+        """Squared distance (mean over code dimensions, the commitment loss's scale) from the encoder's
+        output to the code an action->latent prior predicts, weighted by the prior's confidence in it
+        (prior fixed): its gradient pulls z toward the code the keys and frames predict where the prior is
+        sure, and hardly at all where it is not (an expected distance over all codes would instead drag
+        every output toward the codebook's centre while the prior is still uninformed)."""
+        codebook = self.vq.codebook.detach().view(-1, self.code_dim)                 # (K, D)
+        confidence, guess = torch.softmax(prior_logits.detach().float(), -1).max(-1)  # (B, T)
+        return (confidence * (z - codebook[guess]).pow(2).mean(-1)).mean()
 
 
 class ActionToLatent(nn.Module):
@@ -309,41 +321,62 @@ class ActionToLatent(nn.Module):
 
     v1 is a lookup from action alone; v2 conditions on the frames because the same action yields
     different latents in different states (FIRE with the ball in play is a NOOP, LEFT at the wall...),
-    and, with `prev_action`, on the previous action too: an Atari paddle press moves the paddle over two
-    steps (RIGHT then NOOP: +12 px, then +10 px), so the latent of t -> t+1 carries a_t-1 as well, and
-    the frames up to t cannot show it."""
+    and on the `past_actions` actions before a_t: an Atari paddle press moves the paddle over two steps
+    (RIGHT then NOOP: +12 px, then +10 px), so the latent of t -> t+1 carries a_t-1 as well, and the
+    frames up to t cannot show it; a FIRE that serves shows on screen only some steps later. With
+    `positional`, the frame encoder knows where each grid cell is and is also pooled by where its
+    features fire (as the world model's encoder is), so it can tell "paddle at the wall" or "ball about to
+    reach the bricks" from anywhere else."""
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
-                 codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False):
+                 codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
+                 past_actions: int | None = None, positional: bool = False):
         super().__init__()
+        # `prev_action` is how weights saved before `past_actions` existed say "one past action"
+        past_actions = int(prev_action) if past_actions is None else past_actions
         self.hparams = dict(version=version, num_actions=num_actions, num_colors=num_colors, context=context,
                             num_tokens=num_tokens, codebook_size=codebook_size, width=width, depth=depth,
-                            embed_dim=embed_dim, prev_action=prev_action)
+                            embed_dim=embed_dim, past_actions=past_actions, positional=positional)
         self.version, self.num_tokens, self.codebook_size = version, num_tokens, codebook_size
+        self.num_actions, self.past_actions, self.positional = num_actions, past_actions, positional
         self.action_embed = nn.Embedding(num_actions, 64)
-        self.prev_action_embed = nn.Embedding(num_actions, 64) if prev_action else None
+        # one embedding per (how many steps back, action), summed; row a is a_t-1 = a (as before)
+        self.prev_action_embed = nn.Embedding(num_actions * past_actions, 64) if past_actions else None
         if version == "v2":
-            self.frames = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=64)
-            in_dim = 2 * width + 64
+            self.frames = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=64, positional=positional)
+            in_dim = (4 if positional else 2) * width + 64
         else:
             self.frames = None
             in_dim = 64
         self.out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_tokens * codebook_size))
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
-                prev_action: torch.Tensor | None = None) -> torch.Tensor:
+                past_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """`past_actions`: (B,) a_t-1, or (B, n) the n actions before a_t, oldest first; NOOP (0) where
+        unknown (also when None or shorter than the model's history)."""
         a = self.action_embed(action.long())
-        if self.prev_action_embed is not None:   # NOOP (0) when the previous action is unknown
-            a = a + self.prev_action_embed(torch.zeros_like(action) if prev_action is None else prev_action.long())
+        if self.prev_action_embed is not None:
+            past = self.pad_history(action, past_actions)
+            lag = torch.arange(self.past_actions, 0, -1, device=past.device) - 1   # 0 = a_t-1
+            a = a + self.prev_action_embed(lag * self.num_actions + past).sum(1)
         if self.frames is not None:
             h = self.frames(context_idx, a)
-            a = torch.cat([a, h.mean((2, 3)), h.amax((2, 3))], 1)
+            pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
+            a = torch.cat([a] + pooled, 1)
         return self.out(a).view(-1, self.num_tokens, self.codebook_size)
+
+    def pad_history(self, action: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+        """-> (B, past_actions) long, oldest first, NOOP-padded on the left."""
+        n = self.past_actions
+        if past is None or n == 0:
+            return torch.zeros(len(action), n, dtype=torch.long, device=action.device)
+        past = past.long().view(len(action), -1)[:, -n:]
+        return F.pad(past, (n - past.shape[1], 0))
 
     @torch.no_grad()
     def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None,
-               prev_action=None) -> torch.Tensor:
-        logits = self(action, context_idx, prev_action)
+               past_actions=None) -> torch.Tensor:
+        logits = self(action, context_idx, past_actions)
         if temperature <= 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / temperature, -1)

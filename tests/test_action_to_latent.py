@@ -7,7 +7,7 @@ import torch
 import gameplay_data as gd
 from common import UserError
 from conftest import run_script
-from models.world_model import load_action_to_latent, load_world_model, read_weights, save_weights
+from models.world_model import ActionToLatent, load_action_to_latent, load_world_model, read_weights, save_weights
 
 
 def test_v2_reports_accuracy_and_psnr_on_held_out_episodes(tiny_models):
@@ -70,3 +70,22 @@ def test_latent_purity_counts_the_previous_action():
     counts = {(0, 2, (5,)): 30, (2, 2, (6,)): 10, (0, 0, (1,)): 60}
     p = metrics.latent_purity(counts)
     assert p["action_purity"] == pytest.approx(0.9) and p["action_pair_purity"] == 1.0
+
+
+def test_v2_sees_exactly_its_past_actions_oldest_first():
+    torch.manual_seed(0)
+    m = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, past_actions=2, positional=True).eval()
+    ctx = torch.randint(0, 6, (1, 2, 210, 160), dtype=torch.uint8)
+    act = torch.tensor([2])
+    logits = lambda past: m(act, ctx, torch.tensor([past]))
+    assert torch.equal(logits([3, 1, 2]), logits([0, 1, 2]))            # a_t-3 is beyond its history
+    assert not torch.allclose(logits([1, 2]), logits([2, 2]))          # a_t-2 counts
+    assert not torch.allclose(logits([1, 2]), logits([1, 3]))          # a_t-1 counts
+    assert torch.equal(m(act, ctx, torch.tensor([2])), logits([0, 2]))  # one action = a_t-1, NOOP before it
+    assert torch.equal(m(act, ctx), logits([0, 0]))                     # none known = NOOPs
+
+
+def test_weights_saved_with_the_older_prev_action_flag_still_load():
+    old = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, prev_action=True)
+    assert old.past_actions == 1 and old.hparams["past_actions"] == 1 and "prev_action" not in old.hparams
+    assert ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1).past_actions == 0

@@ -27,20 +27,24 @@ def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
         env.step(9)
 
 
-def test_neural_env_feeds_the_previous_action_to_the_action_to_latent_model(tiny_models, monkeypatch):
+def test_neural_env_feeds_the_past_actions_to_the_action_to_latent_model(tiny_models, monkeypatch):
     env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
-    assert env.unwrapped.a2l.hparams["prev_action"]          # v2 default
+    n = env.unwrapped.a2l.past_actions
+    assert n >= 1                                            # v2 default
     seen = []
     real_sample = env.unwrapped.a2l.sample
     monkeypatch.setattr(env.unwrapped.a2l, "sample",
-                        lambda act, ctx, t, g, prev: seen.append(int(prev)) or real_sample(act, ctx, t, g, prev))
+                        lambda act, ctx, t, g, past: seen.append(past[0].tolist()) or real_sample(act, ctx, t, g, past))
     frames = np.zeros((2, 210, 160, 3), np.uint8)
-    env.reset(options={"frames": frames, "prev_action": 3})
+    env.reset(options={"frames": frames, "past_actions": [1, 3]})
     for a in (2, 2, 1):
         env.step(a)
+    env.reset(options={"frames": frames, "prev_action": 2})
+    env.step(0)
     env.reset(options={"frames": frames})
     env.step(0)
-    assert seen == [3, 2, 2, 0]
+    history = [0] * 8 + [1, 3, 2, 2]                          # NOOP before what reset was given
+    assert seen == [history[10 - n + i:10 + i] for i in range(3)] + [[0] * (n - 1) + [2], [0] * n]
 
 
 def test_registered_with_gymnasium(tiny_models):

@@ -92,6 +92,9 @@ def test_dataset_windows_split_and_random_policy(tiny_data):
     assert item["t"] == 5 and np.array_equal(item["context"].numpy(), ep["frames"][3:6])
     assert np.array_equal(item["next"].numpy(), ep["frames"][6]) and item["action"] == ep["actions"][5]
     assert item["prev_action"] == ep["actions"][4] and ds[0]["prev_action"] == 0   # NOOP before the start
+    hist = gd.GameplayWindows(val, context=3, cache_episodes=1, past_actions=3)
+    assert hist[5]["past_actions"].tolist() == ep["actions"][2:5].tolist()            # oldest first
+    assert hist[1]["past_actions"].tolist() == [0, 0, ep["actions"][0]]               # NOOP before the start
     assert np.array_equal(ds[0]["context"].numpy(), ep["frames"][[0, 0, 0]])   # history before the start
     manifest = gd.read_manifest(tiny_data)
     assert manifest["episodes"] == 8 and sum(manifest["action_counts"].values()) == manifest["transitions"]

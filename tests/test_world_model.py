@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import gameplay_data as gd
 from common import UserError
 from conftest import TINY_WM, run_script
 from models.world_model import (GridNet, LatentActionModel, Palette, add_speckle, apply_change, change_target,
-                                from_cells, keep_bias_for, load_world_model, motion_weights, save_weights,
+                                from_cells, keep_bias_for, load_world_model, motion_weights, read_weights, save_weights,
                                 spatial_soft_argmax, to_cells)
 
 
@@ -20,7 +22,7 @@ def test_shapes_value_ranges_and_copy_start():
     m = tiny_model().eval()
     ctx = torch.randint(0, 6, (3, 2, 210, 160), dtype=torch.uint8)
     nxt = torch.randint(0, 6, (3, 210, 160), dtype=torch.uint8)
-    cells, codes, commit = m(ctx, nxt)
+    cells, codes, commit, _ = m(ctx, nxt)
     assert cells.shape == (3, 540, 7, 64) and codes.shape == (3, 1) and commit.numel() == 1
     assert codes.min() >= 0 and codes.max() < 4
     pred = m.predict_next(ctx, codes)
@@ -225,13 +227,51 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
 
 
 def test_world_model_training_resumes(tiny_data, tmp_path):
+    """Also with the action prior on: its weights are in the checkpoint and it is validated."""
     run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 10,
-               "--val-every", 10, *TINY_WM)
+               "--val-every", 10, *TINY_WM, "--action-prior", 1, "--prior-width", 8)
+    first = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)["prior"]
     out = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 20,
                      "--val-every", 10, "--resume", *TINY_WM)
-    assert "resumed at step 10" in out.stdout
+    assert "resumed at step 10" in out.stdout and "prior latent_acc" in out.stdout
     state = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)
-    assert state["step"] == 20
+    assert state["step"] == 20 and state["config"]["action_prior"] == 1
+    assert any(not torch.equal(state["prior"][k], first[k]) for k in first)      # the prior kept training
+    report = json.loads((tmp_path / "world_model_metrics.json").read_text())
+    assert 0 <= report["prior_latent_acc"] <= 1
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 30,
                      "--resume", *TINY_WM, "--codebook-size", "16", check=False)   # the last flag wins
     assert bad.returncode == 2 and "codebook_size" in bad.stderr
+
+
+def test_action_prior_pulls_the_encoder_output_toward_the_predicted_code():
+    torch.manual_seed(0)
+    m = tiny_model()
+    m(torch.randint(0, 6, (8, 2, 210, 160), dtype=torch.uint8), torch.randint(0, 6, (8, 210, 160), dtype=torch.uint8))
+    codebook = m.vq.codebook.detach().view(-1, m.code_dim)          # k-means initialised by that first batch
+    assert codebook.norm(dim=1).min() > 0
+    z = torch.randn(1, 1, m.code_dim, requires_grad=True)
+    logits = torch.full((1, 1, 4), -30.0)
+    logits[0, 0, 2] = 30.0                                          # the prior is sure: code 2
+    m.prior_pull(z, logits).backward()
+    with torch.no_grad():
+        moved = z - 0.1 * z.grad
+    assert (moved[0, 0] - codebook[2]).norm() < (z[0, 0] - codebook[2]).norm()
+    assert torch.allclose(m.prior_pull(codebook[2].view(1, 1, -1), logits), torch.zeros(()), atol=1e-6)
+    unsure = m.prior_pull(z, torch.tensor([[[0.0, 1e-3, 0.0, 0.0]]]))  # near-uniform prior: a quarter of the pull
+    assert torch.allclose(unsure, 0.25 * (z[0, 0] - codebook[1]).pow(2).mean(), rtol=1e-3)
+
+
+def test_action_prior_from_stage_5_model_and_clear_errors(tiny_data, tiny_models, tmp_path):
+    common = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 4, "--val-every", 4, "--action-prior", 1,
+              "--prior-from", tiny_models / "action_to_latent.safetensors", "--rollout-starts", 2, "--val-samples", 32,
+              "--threads", 1, "--wandb", "disabled"]
+    bad = run_script("train_latent_action.py", *common, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --prior_from needs --init_from")
+    bad = run_script("train_latent_action.py", *common, "--init-from", tiny_models / "world_model.safetensors",
+                     "--freeze-encoder", check=False)
+    assert bad.returncode == 2 and "cannot be used with --freeze_encoder" in bad.stderr
+    run_script("train_latent_action.py", *common, "--init-from", tiny_models / "world_model.safetensors")
+    prior = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)["prior"]
+    stage5, _ = read_weights(tiny_models / "action_to_latent.safetensors", "action_to_latent")
+    assert prior.keys() == stage5.keys() and all(prior[k].shape == stage5[k].shape for k in prior)
