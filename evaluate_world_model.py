@@ -90,7 +90,7 @@ def main(argv=None) -> None:
     ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
     out_dir = Path(cfg.out_dir or ckpt / "evaluation")
     env = atari_env.make_neural_env(cfg.game, ckpt, cfg.device)
-    k, n_actions = env.context_length, env.action_space.n
+    k, n_actions, n_past = env.context_length, env.action_space.n, env.a2l.past_actions
     if cfg.keep_bias >= 0:
         env.world_model.keep_bias = cfg.keep_bias
     files = gd.split_episodes(data_dir, "val", cfg.val_percent)
@@ -113,7 +113,8 @@ def main(argv=None) -> None:
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = ep["frames"][s - k + 1:s + 1]
         for mode in ("model", "random"):
-            env.reset(options={"frames": context, "past_actions": ep["actions"][max(0, s - 8):s].tolist()})
+            past = gd.past_actions(ep["actions"], s, n_past).tolist()
+            env.reset(options={"frames": context, "past_actions": past})
             if mode == "model" and cfg.latents == "encoder":
                 frames = np.stack([env.step_latent(c) for c in encoder_codes(env, np.concatenate([context, real]))])
             else:
@@ -206,8 +207,7 @@ def encoder_and_a2l_codes(env, eps, picks) -> tuple[torch.Tensor, torch.Tensor, 
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
     n = env.a2l.past_actions
-    past = torch.tensor(np.array([[eps[e]["actions"][u] if u >= 0 else 0 for u in range(t - n, t)] for e, t in picks]),
-                        dtype=torch.long, device=env.device).view(len(picks), n)
+    past = torch.from_numpy(np.stack([gd.past_actions(eps[e]["actions"], t, n) for e, t in picks])).to(env.device)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
     return ctx_i, true, env.a2l.sample(act, ctx_i, past_actions=past)

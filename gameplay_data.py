@@ -86,6 +86,12 @@ def split_episodes(root: str | Path, split: str, val_percent: float = 10.0) -> l
     return val if split == "val" else [f for f in files if f not in val]
 
 
+def past_actions(actions: np.ndarray, t: int, n: int) -> np.ndarray:
+    """(n,) int64: the n actions before step t, oldest first, NOOP (0) before the episode's start."""
+    lags = np.arange(t - n, t)
+    return np.where(lags >= 0, actions[np.clip(lags, 0, None)], 0).astype(np.int64)
+
+
 class GameplayWindows(Dataset):
     """Windows over recorded episodes: (k history frames, action, next frame).
 
@@ -130,10 +136,9 @@ class GameplayWindows(Dataset):
         e, t = self.index[i]
         ep = self.episode(e)
         ctx = ep["frames"][np.clip(np.arange(t - self.context + 1, t + 1), 0, None)]
-        lags = np.arange(t - self.past_actions, t)
-        past = np.where(lags >= 0, ep["actions"][np.clip(lags, 0, None)], 0)
+        past = torch.from_numpy(past_actions(ep["actions"], t, self.past_actions))
         return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
-                "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0, "past_actions": torch.from_numpy(past).long(),
+                "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0, "past_actions": past,
                 "next": torch.from_numpy(np.ascontiguousarray(ep["frames"][t + 1])), "episode": e, "t": t}
 
 

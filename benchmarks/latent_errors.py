@@ -55,8 +55,7 @@ def main(ckpt: Path) -> None:
         T = len(actions)
         t = torch.arange(T)
         ctx = idx[(t[:, None] + torch.arange(-k + 1, 1)).clamp(min=0)]                       # (T, k, H, W)
-        lag = t[:, None] + torch.arange(-n_past, 0)                                           # (T, n_past)
-        past = torch.where(lag >= 0, actions[lag.clamp(min=0)], 0)
+        past = torch.from_numpy(np.stack([gd.past_actions(ep["actions"], s, n_past) for s in range(T)]))
         true = torch.cat([wm.encode(c, n)[1] for c, n in zip(ctx.split(256), idx[1:].split(256))])[:, 0]
         pred = torch.cat([a2l.sample(a, c, past_actions=p) for a, c, p in
                           zip(actions.split(256), ctx.split(256), past.split(256))])[:, 0]
