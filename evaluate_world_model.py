@@ -112,8 +112,8 @@ def main(argv=None) -> None:
         replay.ale.restoreState(state)
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = ep["frames"][s - k + 1:s + 1]
+        past = gd.past_actions(ep["actions"], s, n_past).tolist()
         for mode in ("model", "random"):
-            past = gd.past_actions(ep["actions"], s, n_past).tolist()
             env.reset(options={"frames": context, "past_actions": past})
             if mode == "model" and cfg.latents == "encoder":
                 frames = np.stack([env.step_latent(c) for c in encoder_codes(env, np.concatenate([context, real]))])

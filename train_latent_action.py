@@ -300,7 +300,7 @@ def main(argv=None) -> None:
 
     to_index = palette.to_index
     # one extra history frame: self-forcing predicts the last context frame from the ones before it
-    past = cfg.prior_past_actions
+    past = cfg.prior_past_actions if prior is not None else 0   # the keys are read only by the prior
     train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index, past_actions=past)
     val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index, past_actions=past)
     sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
