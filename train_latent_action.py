@@ -75,6 +75,8 @@ class Config:
                               "world model; its shape replaces --prior_width/--prior_past_actions)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
     freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
+    merge_codes: str = arg("", "with --init_from: read the encoder's code a as code b, e.g. '3:0,7:6' (codes the decoder "
+                               "barely tells apart but the keys cannot predict; benchmarks/code_substitution.py; README stage 5)")
     steps: int = arg(3000, "optimiser steps")
     batch_size: int = arg(32, "batch size")
     lr: float = arg(1e-3, "AdamW learning rate (cosine decay, 100-step warm-up)")
@@ -98,6 +100,24 @@ class Config:
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
                 "codebook_size", "code_dim", "max_colors", "positional")
 PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
+
+
+def merged_codes(cfg: Config, init_meta: dict | None, state: dict | None) -> list:
+    """--merge_codes 'a:b,...' on top of the merges the --init_from weights already carry -> [[a, b], ...]."""
+    if state is not None:   # resume: the merges saved in the checkpoint
+        return json.loads(state.get("merged_codes", "[]"))
+    merged = dict((init_meta or {}).get("hparams", {}).get("merged_codes", []))
+    for pair in filter(None, cfg.merge_codes.replace(" ", "").split(",")):
+        try:
+            a, b = (int(x) for x in pair.split(":"))
+        except ValueError:
+            raise UserError(f"--merge_codes: {pair!r} is not 'from:to' (two code numbers)") from None
+        if not (0 <= a < cfg.codebook_size and 0 <= b < cfg.codebook_size) or a == b:
+            raise UserError(f"--merge_codes: {pair!r} needs two different codes in 0..{cfg.codebook_size - 1}")
+        merged[a] = b
+    if set(merged) & set(merged.values()):
+        raise UserError(f"--merge_codes: a code is both merged away and merged into ({merged}); name its final code")
+    return sorted([a, b] for a, b in merged.items())
 
 
 def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
@@ -235,6 +255,8 @@ def main(argv=None) -> None:
         raise UserError("--context must be >= 2 (one frame cannot show the ball's velocity)")
     if cfg.action_prior > 0 and cfg.freeze_encoder:
         raise UserError("--action_prior shapes the encoder's latents; it cannot be used with --freeze_encoder")
+    if cfg.merge_codes and not (cfg.init_from or cfg.resume):
+        raise UserError("--merge_codes needs --init_from: it names codes of a trained world model")
     if cfg.prior_from and not (cfg.init_from or cfg.resume):
         raise UserError("--prior_from needs --init_from: the prior must be trained on that world model's codes")
     data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
@@ -245,7 +267,8 @@ def main(argv=None) -> None:
         state = load_checkpoint(ckpt_path, "world_model_train")
         for key, old_default in (("positional", False), ("dead_code", 2.0), ("action_prior", 0.0)):   # from before the options
             state["config"].setdefault(key, old_default)
-        cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE)
+        state["config"].setdefault("merge_codes", "")
+        cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE + ("merge_codes",))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -271,7 +294,8 @@ def main(argv=None) -> None:
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
-                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional).to(device)
+                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
+                              merged_codes(cfg, init_meta, state)).to(device)
     if init is not None:
         model.load_state_dict(init.state_dict())
     if cfg.freeze_encoder:
@@ -316,6 +340,7 @@ def main(argv=None) -> None:
                                     "model": strip_compile_prefix(model.state_dict()), "opt": opt.state_dict(),
                                     "sched": sched.state_dict(), "step": step, "palette": torch.as_tensor(palette.colors),
                                     "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state(),
+                                    "merged_codes": json.dumps(model.hparams.get("merged_codes", [])),
                                     **({"prior": prior.state_dict()} if prior is not None else {})})
         save_weights(out_dir / "world_model.safetensors", model, {**meta, "step": step, "validation": last_val})
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to

@@ -204,12 +204,15 @@ class LatentActionModel(nn.Module):
     def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
                  code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0, dead_code: float = 2.0,
-                 positional: bool = False):
+                 positional: bool = False, merged_codes: list | None = None):
         super().__init__()
+        merged_codes = [[int(a), int(b)] for a, b in (merged_codes or [])]
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
                             enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
                             codebook_size=codebook_size, code_dim=code_dim, head_hidden=head_hidden,
                             keep_bias=keep_bias, dead_code=dead_code, positional=positional)
+        if merged_codes:   # only when used, so weights without merges keep their metadata as before
+            self.hparams["merged_codes"] = merged_codes
         self.keep_bias = keep_bias   # added to the keep logit when decoding (keep_bias_for); 0 = raw argmax
         self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
         self.codebook_size, self.code_dim, self.positional = codebook_size, code_dim, positional
@@ -226,6 +229,12 @@ class LatentActionModel(nn.Module):
         # a re-seeded code starts with this EMA count (the library uses the threshold itself, which for a
         # low threshold expires the code again one unused batch later); pinned library version, see README
         self.vq._codebook.reset_cluster_size = max(dead_code, 1.0)
+        # merged codes (merge_codes): the encoder's code a is read as code b. Rebuilt from hparams, not stored
+        # as a tensor, so weights from before merges existed load unchanged.
+        code_map = torch.arange(codebook_size)
+        for a, b in merged_codes:
+            code_map[a] = b
+        self.register_buffer("code_map", code_map, persistent=False)
         # decoder: sees context frames, FiLM-conditioned on the quantised latent
         cond = num_tokens * code_dim
         self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond, positional=positional)
@@ -264,7 +273,16 @@ class LatentActionModel(nn.Module):
 
     def encode(self, context_idx: torch.Tensor, next_idx: torch.Tensor):
         """-> quantised latent (B, T, D), codes (B, T), commitment loss. Target is t -> t+1."""
-        quantized, codes, commit = self.vq(self.encoder_output(context_idx, next_idx))
+        return self.quantize(self.encoder_output(context_idx, next_idx))
+
+    def quantize(self, z: torch.Tensor):
+        """The codebook's nearest code, then any merge (the gradient still flows straight through to z)."""
+        quantized, codes, commit = self.vq(z)
+        if self.hparams.get("merged_codes"):
+            merged = self.code_map[codes]
+            codebook = self.vq.codebook.detach().view(-1, self.code_dim)
+            quantized = quantized + (codebook[merged] - codebook[codes]).view_as(quantized)
+            codes = merged
         return quantized, codes, commit
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
@@ -302,7 +320,7 @@ class LatentActionModel(nn.Module):
         The encoder always sees the real frames; the decoder sees `decode_context` when given (self-forcing),
         else the same frames."""
         z = self.encoder_output(context_idx, next_idx)
-        quantized, codes, commit = self.vq(z)
+        quantized, codes, commit = self.quantize(z)
         return self.decode_cells(context_idx if decode_context is None else decode_context, quantized), codes, commit, z
 
     def prior_pull(self, z: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:

@@ -275,3 +275,42 @@ def test_action_prior_from_stage_5_model_and_clear_errors(tiny_data, tiny_models
     prior = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)["prior"]
     stage5, _ = read_weights(tiny_models / "action_to_latent.safetensors", "action_to_latent")
     assert prior.keys() == stage5.keys() and all(prior[k].shape == stage5[k].shape for k in prior)
+
+
+def test_merged_code_is_read_as_its_target_with_the_gradient_passing_straight_through(tmp_path):
+    torch.manual_seed(0)
+    m = tiny_model(merged_codes=[[1, 0]])
+    m(torch.randint(0, 6, (8, 2, 210, 160), dtype=torch.uint8), torch.randint(0, 6, (8, 210, 160), dtype=torch.uint8))
+    codebook = m.vq.codebook.detach().view(-1, m.code_dim)
+    m.eval()
+    z = codebook[[1, 2]].clone().view(2, 1, -1).requires_grad_(True)   # exactly codes 1 and 2
+    quantized, codes, _ = m.quantize(z)
+    assert codes[:, 0].tolist() == [0, 2]                               # 1 is read as 0, 2 untouched
+    assert torch.allclose(quantized[0, 0], codebook[0]) and torch.allclose(quantized[1, 0], codebook[2])
+    m.train()                                                           # training: straight-through, as without merges
+    quantized, codes, _ = m.quantize(z)
+    quantized.sum().backward()
+    assert codes[0, 0] == 0 and torch.allclose(z.grad, torch.ones_like(z))
+    m.eval()
+    save_weights(tmp_path / "wm.safetensors", m, {"kind": "world_model", "game": "breakout", "hparams": m.hparams,
+                                                  "palette": [[0, 0, 0]] * 6})
+    loaded, _, _ = load_world_model(tmp_path / "wm.safetensors")
+    assert loaded.code_map.tolist() == [0, 0, 2, 3] and "merged_codes" not in tiny_model().hparams
+
+
+def test_merge_codes_fine_tune_resumes_and_refuses_bad_merges(tiny_data, tiny_models, tmp_path):
+    common = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--val-every", 4, "--rollout-starts", 2,
+              "--val-samples", 32, "--threads", 1, "--wandb", "disabled", "--freeze-encoder"]
+    init = ["--init-from", tiny_models / "world_model.safetensors"]
+    bad = run_script("train_latent_action.py", *common, "--steps", 4, "--merge-codes", "1:0", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --merge_codes needs --init_from")
+    for wrong, says in (("1:1", "two different codes"), ("1:9", "two different codes"), ("1-0", "not 'from:to'"),
+                        ("1:0,0:2", "both merged away and merged into")):
+        bad = run_script("train_latent_action.py", *common, *init, "--steps", 4, "--merge-codes", wrong, check=False)
+        assert bad.returncode == 2 and says in bad.stderr.strip().splitlines()[-1], (wrong, bad.stderr[-300:])
+    run_script("train_latent_action.py", *common, *init, "--steps", 4, "--merge-codes", "1:0,3:2")
+    out = run_script("train_latent_action.py", *common, "--steps", 8, "--resume")
+    assert "resumed at step 4" in out.stdout
+    model, _, meta = load_world_model(tmp_path / "world_model.safetensors")
+    assert meta["hparams"]["merged_codes"] == [[1, 0], [3, 2]] and model.code_map.tolist() == [0, 0, 2, 2]
+    assert json.loads((tmp_path / "world_model_metrics.json").read_text())["step"] == 8
