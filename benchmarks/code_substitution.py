@@ -34,12 +34,12 @@ from models.world_model import load_world_model  # noqa: E402
 
 def lookup_ceiling(rows: dict, code_map: np.ndarray, oracle: bool) -> float:
     """Accuracy on held-out rows of the commonest training code per (a_t-1, a_t, paddle x[, paddle step])."""
+    width = 4 if oracle else 3
     table = defaultdict(Counter)
     for r in rows["train"]:
-        table[r[:4] if oracle else r[:3]][code_map[r[4]]] += 1
-    hits = [bool(table.get(r[:4] if oracle else r[:3])) and table[r[:4] if oracle else r[:3]].most_common(1)[0][0]
-            == code_map[r[4]] for r in rows["val"]]
-    return float(np.mean(hits))
+        table[r[:width]][code_map[r[4]]] += 1
+    guesses = {key: counts.most_common(1)[0][0] for key, counts in table.items()}
+    return float(np.mean([guesses.get(r[:width]) == code_map[r[4]] for r in rows["val"]]))
 
 
 @torch.no_grad()
