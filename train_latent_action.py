@@ -28,7 +28,7 @@ from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config,
                     run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
 from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, keep_bias_for,
-                                load_action_to_latent, load_world_model, read_weights, save_weights)
+                                load_action_to_latent, load_world_model, parse_code_merges, read_weights, save_weights)
 
 PRESETS = {
     "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
@@ -107,14 +107,10 @@ def merged_codes(cfg: Config, init_meta: dict | None, state: dict | None) -> lis
     if state is not None:   # resume: the merges saved in the checkpoint
         return json.loads(state.get("merged_codes", "[]"))
     merged = dict((init_meta or {}).get("hparams", {}).get("merged_codes", []))
-    for pair in filter(None, cfg.merge_codes.replace(" ", "").split(",")):
-        try:
-            a, b = (int(x) for x in pair.split(":"))
-        except ValueError:
-            raise UserError(f"--merge_codes: {pair!r} is not 'from:to' (two code numbers)") from None
-        if not (0 <= a < cfg.codebook_size and 0 <= b < cfg.codebook_size) or a == b:
-            raise UserError(f"--merge_codes: {pair!r} needs two different codes in 0..{cfg.codebook_size - 1}")
-        merged[a] = b
+    try:
+        merged.update(parse_code_merges(cfg.merge_codes, cfg.codebook_size))
+    except ValueError as e:
+        raise UserError(f"--merge_codes: {e}") from None
     if set(merged) & set(merged.values()):
         raise UserError(f"--merge_codes: a code is both merged away and merged into ({merged}); name its final code")
     return sorted([a, b] for a, b in merged.items())

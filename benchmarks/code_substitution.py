@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gameplay_data as gd  # noqa: E402
 import metrics  # noqa: E402
 from collect_action_latent_pairs import load_pairs  # noqa: E402
-from models.world_model import load_world_model  # noqa: E402
+from models.world_model import load_world_model, parse_code_merges  # noqa: E402
 
 
 def lookup_ceiling(rows: dict, code_map: np.ndarray, oracle: bool) -> float:
@@ -54,8 +54,7 @@ def main() -> None:
     data_dir = Path(f"data/{meta['game']}")
     K = wm.codebook_size
     code_map = np.arange(K)
-    for pair in filter(None, args.merge.split(",")):
-        a, b = (int(x) for x in pair.split(":"))
+    for a, b in parse_code_merges(args.merge, K).items():
         code_map[a] = b
     files = {s: gd.split_episodes(data_dir, s) for s in ("train", "val")}
     pairs = load_pairs(data_dir, files["train"] + files["val"], wm_path)

@@ -196,6 +196,21 @@ def spatial_soft_argmax(h: torch.Tensor) -> torch.Tensor:
     return torch.cat([(p.sum(3) * ys).sum(2), (p.sum(2) * xs).sum(2)], 1).to(h.dtype)
 
 
+def parse_code_merges(text: str, codebook_size: int) -> dict[int, int]:
+    """'a:b,c:d' -> {a: b, c: d}: the encoder's code a read as code b (LatentActionModel's merged_codes).
+    ValueError, with a one-line reason, for anything that is not two different codes in range."""
+    merges = {}
+    for pair in filter(None, text.replace(" ", "").split(",")):
+        try:
+            a, b = (int(x) for x in pair.split(":"))
+        except ValueError:
+            raise ValueError(f"{pair!r} is not 'from:to' (two code numbers)") from None
+        if not (0 <= a < codebook_size and 0 <= b < codebook_size) or a == b:
+            raise ValueError(f"{pair!r} needs two different codes in 0..{codebook_size - 1}")
+        merges[a] = b
+    return merges
+
+
 # ----------------------------------------------------------------------------- latent action model
 class LatentActionModel(nn.Module):
     """Encoder (context + next frame -> discrete latent action) and decoder (context + latent -> next
