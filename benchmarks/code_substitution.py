@@ -109,7 +109,7 @@ def main() -> None:
     print(f"{wm_path}: {count.sum()} held-out transitions" + (f" with codes {args.codes}" if args.codes else ""))
     print("code  transitions  motion_psnr@1 own  best substitutes (code: motion_psnr@1)")
     for c in np.flatnonzero(count):
-        subs = sorted(((db(sq[c, d], pixels[c]), d) for d in shown if d != c), reverse=True)[:3 if len(shown) == K else K]
+        subs = sorted(((db(sq[c, d], pixels[c]), d) for d in shown if d != c), reverse=True)[:None if args.codes else 3]
         print(f"{c:4d} {count[c]:12d} {db(sq[c, c], pixels[c]):18.2f}  " + ", ".join(f"{d}: {v:.2f}" for v, d in subs))
     own = db(sum(sq[c, c] for c in range(K)), pixels.sum())
     print(f"held-out motion_psnr@1 with the encoder's codes{' (these codes only)' if args.codes else ''}: {own:.2f}")
