@@ -35,7 +35,8 @@ class Config:
     data_dir: str = arg("", "recorded episodes (default data/<game>)")
     checkpoint_dir: str = arg("", "weights (default checkpoints/<game>)")
     out_dir: str = arg("", "report and plots (default <checkpoint_dir>/evaluation)")
-    starts: int = arg(32, "held-out start points")
+    starts: int = arg(128, "held-out start points (at 32, one rollout that loses the paddle moves paddle_err_px "
+                             "by a pixel: README, whole pipeline)")
     horizon: int = arg(64, "open-loop steps per start")
     object_steps: int = arg(32, "steps over which paddle/ball errors are measured")
     random_steps: int = arg(400, "random-action steps before off_palette is measured")
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     H = cfg.horizon
     sq = {m: np.zeros(H) for m in ("model", "copy", "random")}
     npx = np.zeros(H)
-    pred_obj, real_obj, mismatched = [], [], 0
+    pred_obj, real_obj, per_start, mismatched = [], [], [], 0
     for e, s in tqdm(starts, desc="rollouts", unit="start"):
         ep = eps[e]
         replay = EmulatorReplay(cfg.game, ep["meta"])
@@ -120,10 +121,17 @@ def main(argv=None) -> None:
             else:
                 frames = np.stack([env.step(int(actions[t] if mode == "model" else rng.integers(n_actions)))[0]
                                    for t in range(H)])
-            sq[mode] += ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
+            mse = ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
+            sq[mode] += mse
             if mode == "model":
                 pred_obj.append(frames[:cfg.object_steps])
                 real_obj.append(real[:cfg.object_steps])
+                # kept per start so that two runs on the same starts can be compared pairwise, with an
+                # interval (benchmarks/compare_evaluations.py): a few rollouts that lose the paddle move the means
+                per_start.append({"episode": files[e].name, "step": int(s),
+                                  **{f"mse@{t}": float(mse[t - 1]) for t in HORIZONS if t <= H},
+                                  **(wm_metrics.object_errors(pred_obj[-1], real_obj[-1])
+                                     if cfg.game == "breakout" else {})})
         sq["copy"] += ((context[-1].astype(np.float64)[None] - real) ** 2).mean(axis=(1, 2, 3))
         npx += 1
     psnr = {m: [wm_metrics.psnr_from_mse(v) for v in sq[m] / npx] for m in sq}
@@ -172,7 +180,7 @@ def main(argv=None) -> None:
     report["play_sps"] = cfg.sps_steps / (time.perf_counter() - t0)
     report.update(keep_bias=env.world_model.keep_bias, emulator_replay_mismatched_frames=mismatched,
                   held_out_episodes=len(files), starts=len(starts), device=str(env.device), threads=cfg.threads,
-                  latents=cfg.latents, config=dataclasses.asdict(cfg))
+                  latents=cfg.latents, config=dataclasses.asdict(cfg), per_start=per_start)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if cfg.latents == "a2l" else "_encoder_latents"   # never overwrite the real chain's report
     save_json(out_dir / f"report{suffix}.json", report)

@@ -41,7 +41,8 @@ class Config:
     world_model: str = arg("", "world model weights (default checkpoints/<game>/world_model.safetensors)")
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
-    past_actions: int = arg(1, "v2 also sees this many actions before a_t (a press moves the paddle over two steps)")
+    past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
+                                 "and it leaves the right wall only after 2-3 LEFT presses: README stage 5)")
     # on: the paddle's step under a key depends on its absolute column, which a translation-equivariant
     # encoder with mean/max pooling cannot see (README stage 5, session 11: 0.977 -> 0.982 held-out)
     positional: bool = arg(True, "v2 frame encoder knows where each grid cell is and pools by where features fire")

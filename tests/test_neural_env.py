@@ -142,6 +142,27 @@ def test_evaluation_end_to_end(tiny_data, tiny_models, tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| psnr@1" in text and text.endswith("y\n")
 
+    # per-start values add up to the report's numbers, and a paired comparison reads them
+    per_start = r["per_start"]
+    assert len(per_start) == r["starts"] == 3
+    for t in (1, 4):
+        assert metrics.psnr_from_mse(np.mean([p[f"mse@{t}"] for p in per_start])) == pytest.approx(r[f"psnr@{t}"])
+    assert np.mean([p["ball_presence_agree"] for p in per_start]) == pytest.approx(r["ball_presence_agree"])
+    worse = {**r, "per_start": [{**p, "paddle_err_px": p["paddle_err_px"] + 5, "mse@4": p["mse@4"] * 4}
+                                for p in per_start]}
+    (tmp_path / "worse.json").write_text(json.dumps(worse))
+    out = run_script("benchmarks/compare_evaluations.py", tmp_path / "report.json", tmp_path / "worse.json").stdout
+    assert "| paddle_err_px |" in out and "| +5.000 | [+5.000, +5.000] | A better |" in out
+    assert "| psnr@4 |" in out and "| -6.021 | [-6.021, -6.021] | A better |" in out
+    same = run_script("benchmarks/compare_evaluations.py", tmp_path / "report.json", tmp_path / "report.json").stdout
+    assert "A better" not in same and "B better" not in same and "| same |" in same
+    other = {**r, "per_start": per_start[::-1]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    proc = run_script("benchmarks/compare_evaluations.py", tmp_path / "report.json", tmp_path / "other.json",
+                      check=False)
+    assert proc.returncode != 0 and "do not share their start points" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
 
 def test_encoder_latent_rollouts_use_each_real_transition(tiny_data, tiny_models, tmp_path):
     """--latents encoder drives the decoder with the encoder's latent of transition t -> t+1 at step t."""

@@ -34,3 +34,19 @@ def test_shipped_model_stays_on_the_palette():
     for _ in range(50):
         frame, *_ = env.step(int(rng.integers(4)))
     assert metrics.off_palette_fraction(frame, env.unwrapped.palette.colors) == 0.0
+
+
+@pytest.mark.parametrize("taps", [[LEFT] * 8, [LEFT, NOOP] * 6, [LEFT, LEFT, FIRE, LEFT, NOOP, LEFT, LEFT, NOOP, LEFT]])
+def test_shipped_breakout_paddle_leaves_the_right_wall(taps):
+    """At the right wall the real paddle leaves only after two or three LEFT presses (the emulated paddle
+    winds up past the wall), so an action->latent model that sees too few past keys keeps predicting 'stay':
+    the dream's paddle stuck there for good when LEFT is tapped (README stage 5, session 13)."""
+    env = atari_env.make_neural_env("breakout", device="cpu")
+    real = atari_env.RealTwin("breakout", env.unwrapped.context_length)
+    env.reset(options={"frames": real.reset(seed=0)})
+    for key in [RIGHT] * 20 + taps:
+        model_x = metrics.paddle_left(env.step(key)[0])
+        real_x = metrics.paddle_left(real.step(key))
+    assert real_x is not None and real_x < 130, "the real paddle should have left the right wall"
+    assert model_x is not None and model_x < 130, f"the dream's paddle is stuck at the right wall ({model_x})"
+    assert abs(model_x - real_x) <= 24, f"dream paddle at {model_x}, real at {real_x}"
