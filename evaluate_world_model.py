@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     H = cfg.horizon
     sq = {m: np.zeros(H) for m in ("model", "copy", "random")}
     npx = np.zeros(H)
-    pred_obj, real_obj, per_start, mismatched = [], [], [], 0
+    object_counts, per_start, mismatched = [], [], 0
     for e, s in tqdm(starts, desc="rollouts", unit="start"):
         ep = eps[e]
         replay = EmulatorReplay(cfg.game, ep["meta"])
@@ -124,14 +124,13 @@ def main(argv=None) -> None:
             mse = ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
             sq[mode] += mse
             if mode == "model":
-                pred_obj.append(frames[:cfg.object_steps])
-                real_obj.append(real[:cfg.object_steps])
+                if cfg.game == "breakout":
+                    object_counts.append(wm_metrics.object_error_counts(frames[:cfg.object_steps], real[:cfg.object_steps]))
                 # kept per start so that two runs on the same starts can be compared pairwise, with an
                 # interval (benchmarks/compare_evaluations.py): a few rollouts that lose the paddle move the means
                 per_start.append({"episode": files[e].name, "step": int(s),
                                   **{f"mse@{t}": float(mse[t - 1]) for t in HORIZONS if t <= H},
-                                  **(wm_metrics.object_errors(pred_obj[-1], real_obj[-1])
-                                     if cfg.game == "breakout" else {})})
+                                  **(wm_metrics.errors_from_counts(object_counts[-1]) if cfg.game == "breakout" else {})})
         sq["copy"] += ((context[-1].astype(np.float64)[None] - real) ** 2).mean(axis=(1, 2, 3))
         npx += 1
     psnr = {m: [wm_metrics.psnr_from_mse(v) for v in sq[m] / npx] for m in sq}
@@ -139,7 +138,7 @@ def main(argv=None) -> None:
     report.update({f"copy_last_psnr@{t}": psnr["copy"][t - 1] for t in HORIZONS if t <= H})
     report["delta_psnr@4"] = psnr["model"][3] - psnr["random"][3]
     if cfg.game == "breakout":
-        report.update(wm_metrics.object_errors(np.concatenate(pred_obj), np.concatenate(real_obj)))
+        report.update(wm_metrics.errors_from_counts(*object_counts))   # pooled over every start's frames
 
     # off_palette: 400 uniformly random actions in the model, from held-out contexts
     real_colors = np.unique(np.concatenate([e["frames"][::50].reshape(-1, 3) for e in eps]), axis=0)

@@ -105,10 +105,9 @@ def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = (110
             if balls[t] is None and balls[t + 1] is not None and rows[0] <= balls[t + 1][0] < rows[1]]
 
 
-def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:
-    """paddle_err_px, ball_presence_agree and ball_err_px over matched frame sequences, plus where the
-    presence disagreements come from: ball_missed (real ball, none drawn) and ball_spurious (a red thing
-    below the bricks where the real frame has no ball: an invented ball or debris), as shares of frames."""
+def object_error_counts(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict[str, tuple[float, int]]:
+    """-> {metric: (sum, count)} over matched frame sequences; object_errors divides. Kept as sums so
+    that per-rollout counts pool into the whole run's numbers exactly (errors_from_counts)."""
     pad, agree, ball, missed, spurious = [], [], [], [], []
     for p, r in zip(pred_frames, real_frames):
         pl, rl = paddle_left(p), paddle_left(r)
@@ -120,10 +119,25 @@ def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:
         spurious.append(pb is not None and rb is None)
         if pb is not None and rb is not None:
             ball.append(np.hypot(pb[0] - rb[0], pb[1] - rb[1]))
-    def mean(x):
-        return float(np.mean(x)) if x else float("nan")
-    return {"paddle_err_px": mean(pad), "ball_presence_agree": mean(agree), "ball_err_px": mean(ball),
-            "ball_missed": mean(missed), "ball_spurious": mean(spurious)}
+    return {name: (float(np.sum(x)), len(x)) for name, x in (
+        ("paddle_err_px", pad), ("ball_presence_agree", agree), ("ball_err_px", ball),
+        ("ball_missed", missed), ("ball_spurious", spurious))}
+
+
+def errors_from_counts(*counts: dict[str, tuple[float, int]]) -> dict:
+    """Pool object_error_counts of one or more rollouts into means (nan where nothing was counted)."""
+    out = {}
+    for name in counts[0]:
+        total, n = (sum(c[name][i] for c in counts) for i in (0, 1))
+        out[name] = total / n if n else float("nan")
+    return out
+
+
+def object_errors(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict:
+    """paddle_err_px, ball_presence_agree and ball_err_px over matched frame sequences, plus where the
+    presence disagreements come from: ball_missed (real ball, none drawn) and ball_spurious (a red thing
+    below the bricks where the real frame has no ball: an invented ball or debris), as shares of frames."""
+    return errors_from_counts(object_error_counts(pred_frames, real_frames))
 
 
 def off_palette_fraction(frames: np.ndarray, palette_rgb: np.ndarray, threshold: int = 60) -> float:

@@ -124,6 +124,15 @@ def test_object_errors_and_off_palette():
     noisy = a.copy()
     noisy[0, :21] = (90, 10, 250)
     assert metrics.off_palette_fraction(noisy, np.array([[0, 0, 0], [200, 72, 72]])) == pytest.approx(0.1)
+    # per-rollout counts pool to what the frames of both rollouts give together (evaluate_world_model's
+    # whole-run numbers); the mean of the two rollouts' own means would give presence 0.25, not 1/3
+    c = np.concatenate([a, a])
+    c[1, 120:124, 80:82] = metrics.BREAKOUT_RED   # a ball in one of the two frames
+    first, second = (a, b), (c, np.concatenate([b, b]))
+    pooled = metrics.errors_from_counts(metrics.object_error_counts(*first), metrics.object_error_counts(*second))
+    together = metrics.object_errors(np.concatenate([first[0], second[0]]), np.concatenate([first[1], second[1]]))
+    assert pooled == pytest.approx(together, nan_ok=True)
+    assert pooled["ball_presence_agree"] == pytest.approx(1 / 3) and pooled["ball_err_px"] == 0.0
 
 
 def test_evaluation_end_to_end(tiny_data, tiny_models, tmp_path):
