@@ -124,13 +124,14 @@ def main(argv=None) -> None:
             mse = ((frames.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
             sq[mode] += mse
             if mode == "model":
-                if cfg.game == "breakout":
+                errors = {}
+                if cfg.game == "breakout":   # counts, so the whole run's numbers pool them after the loop
                     object_counts.append(wm_metrics.object_error_counts(frames[:cfg.object_steps], real[:cfg.object_steps]))
+                    errors = wm_metrics.errors_from_counts(object_counts[-1])
                 # kept per start so that two runs on the same starts can be compared pairwise, with an
                 # interval (benchmarks/compare_evaluations.py): a few rollouts that lose the paddle move the means
                 per_start.append({"episode": files[e].name, "step": int(s),
-                                  **{f"mse@{t}": float(mse[t - 1]) for t in HORIZONS if t <= H},
-                                  **(wm_metrics.errors_from_counts(object_counts[-1]) if cfg.game == "breakout" else {})})
+                                  **{f"mse@{t}": float(mse[t - 1]) for t in HORIZONS if t <= H}, **errors})
         sq["copy"] += ((context[-1].astype(np.float64)[None] - real) ** 2).mean(axis=(1, 2, 3))
         npx += 1
     psnr = {m: [wm_metrics.psnr_from_mse(v) for v in sq[m] / npx] for m in sq}
