@@ -117,7 +117,7 @@ def main(argv=None) -> None:
         for mode in ("model", "random"):
             env.reset(options={"frames": context, "past_actions": past})
             if mode == "model" and cfg.latents == "encoder":
-                frames = np.stack([env.step_latent(c) for c in encoder_codes(env, np.concatenate([context, real]))])
+                frames = np.stack([env.step_latent(c, ev) for c, ev in zip(*encoder_codes(env, np.concatenate([context, real])))])
             else:
                 frames = np.stack([env.step(int(actions[t] if mode == "model" else rng.integers(n_actions)))[0]
                                    for t in range(H)])
@@ -154,21 +154,22 @@ def main(argv=None) -> None:
     # latent_acc: action->latent prediction vs the encoder's latent on held-out transitions
     wm = env.world_model
     tok = whole = same = n = 0
+    generator = torch.Generator().manual_seed(cfg.seed)   # where a predicted serve goes is sampled, as in play
     with torch.inference_mode():
         for _ in range(max(1, cfg.latent_samples // 128)):
             picks = [(e, int(rng.integers(0, len(eps[e]["actions"])))) for e in rng.integers(0, len(eps), 128)]
-            ctx_i, true, pred = encoder_and_a2l_codes(env, eps, picks)
+            ctx_i, true, pred, true_ev, pred_ev = encoder_and_a2l_codes(env, eps, picks, generator)
             tok += (pred == true).sum().item()
             whole += (pred == true).all(1).sum().item()
             # two codes may draw the same frame: count where the predicted latent draws the encoder's frame
-            same += (wm.predict_next(ctx_i, pred) == wm.predict_next(ctx_i, true)).flatten(1).all(1).sum().item()
+            same += (wm.predict_next(ctx_i, pred, pred_ev) == wm.predict_next(ctx_i, true, true_ev)).flatten(1).all(1).sum().item()
             n += len(picks)
     report["latent_token_acc"] = tok / (n * wm.num_tokens)
     report["latent_acc"] = whole / n
     report["latent_frame_match"] = same / n
 
     if cfg.game == "breakout":
-        report.update(serve_drawn(env, eps))
+        report.update(serve_drawn(env, eps, generator))
 
     # play_sps: the full chain, batch 1 (action -> latent -> decoder -> uint8 frame)
     env.reset(options={"frames": eps[0]["frames"][:k]})
@@ -192,24 +193,31 @@ def main(argv=None) -> None:
 
 
 @torch.inference_mode()
-def serve_drawn(env, eps) -> dict:
+def serve_drawn(env, eps, generator) -> dict:
     """Share of held-out serves (metrics.serve_steps) where the world model, from the real frames, draws a
-    ball: with the encoder's latent of the real transition, and with the action->latent model's latent."""
+    ball (serve_drawn_*), and draws it within 2 px of the real one (serve_at_place_*): with the encoder's
+    latent (and the event) of the real transition, and with the action->latent model's."""
     picks = [(e, t) for e, ep in enumerate(eps) for t in wm_metrics.serve_steps(ep["frames"], env.context_length - 1)]
     if not picks:
         return {"serves": 0}
-    drawn = {"encoder": [], "a2l": []}
+    drawn, placed = {"encoder": [], "a2l": []}, {"encoder": [], "a2l": []}
     for b in range(0, len(picks), 64):
-        ctx_i, true, pred = encoder_and_a2l_codes(env, eps, picks[b:b + 64])
-        for name, codes in (("encoder", true), ("a2l", pred)):
-            frames = env.palette.to_rgb(env.world_model.predict_next(ctx_i, codes).cpu().numpy())
-            drawn[name] += [wm_metrics.ball_position(f) is not None for f in frames]
-    return {"serves": len(picks), **{f"serve_drawn_{n}": float(np.mean(v)) for n, v in drawn.items()}}
+        ctx_i, true, pred, true_ev, pred_ev = encoder_and_a2l_codes(env, eps, picks[b:b + 64], generator)
+        real = [wm_metrics.ball_position(eps[e]["frames"][t + 1]) for e, t in picks[b:b + 64]]
+        for name, codes, events in (("encoder", true, true_ev), ("a2l", pred, pred_ev)):
+            frames = env.palette.to_rgb(env.world_model.predict_next(ctx_i, codes, events).cpu().numpy())
+            balls = [wm_metrics.ball_position(f) for f in frames]
+            drawn[name] += [ball is not None for ball in balls]
+            placed[name] += [ball is not None and abs(ball[0] - r[0]) <= 2 and abs(ball[1] - r[1]) <= 2
+                             for ball, r in zip(balls, real)]
+    return {"serves": len(picks), **{f"serve_drawn_{n}": float(np.mean(v)) for n, v in drawn.items()},
+            **{f"serve_at_place_{n}": float(np.mean(v)) for n, v in placed.items()}}
 
 
-def encoder_and_a2l_codes(env, eps, picks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encoder_and_a2l_codes(env, eps, picks, generator=None):
     """For held-out transitions (episode, t): the context (palette indices), the encoder's latent of the real
-    t -> t+1, and the action->latent model's latent from a_t (and the actions before it) and the same context."""
+    t -> t+1, the action->latent model's latent from a_t (and the actions before it) and the same context,
+    then the real transition's event and the action->latent model's (None for a world model without events)."""
     k, pal = env.context_length, env.palette
     ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
@@ -217,17 +225,22 @@ def encoder_and_a2l_codes(env, eps, picks) -> tuple[torch.Tensor, torch.Tensor, 
     n = env.a2l.past_actions
     past = torch.from_numpy(np.stack([gd.past_actions(eps[e]["actions"], t, n) for e, t in picks])).to(env.device)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
-    _, true, _ = env.world_model.encode(ctx_i, torch.from_numpy(pal.to_index(nxt)).to(env.device))
-    return ctx_i, true, env.a2l.sample(act, ctx_i, past_actions=past)
+    nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)
+    _, true, _ = env.world_model.encode(ctx_i, nxt_i)
+    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past)
+    true_ev = env.world_model.transition_events(pal, ctx_i[:, -1], nxt_i) if env.world_model.num_events else None
+    return ctx_i, true, pred, true_ev, pred_ev
 
 
 @torch.inference_mode()
-def encoder_codes(env, frames: np.ndarray) -> torch.Tensor:
-    """The encoder's latent of every real transition in `frames` (k context frames, then the horizon)."""
+def encoder_codes(env, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's latent and the event of every real transition in `frames` (k context frames, then the
+    horizon)."""
     k, wm = env.context_length, env.world_model
     idx = torch.from_numpy(env.palette.to_index(frames)).to(env.device)
     windows = idx.unfold(0, k + 1, 1).permute(0, 3, 1, 2)          # (H, k+1, 210, 160)
-    return torch.cat([wm.encode(w[:, :k], w[:, k])[1] for w in windows.split(64)])
+    return (torch.cat([wm.encode(w[:, :k], w[:, k])[1] for w in windows.split(64)]),
+            wm.transition_events(env.palette, windows[:, k - 1], windows[:, k]).tolist())
 
 
 def plot_psnr(psnr: dict, path: Path, game: str, model_label: str = "model, true actions") -> None:
@@ -263,7 +276,7 @@ def format_table(r: dict) -> str:
             rows.append(f"| psnr@{t} (copy-last) | {r[f'psnr@{t}']:.2f} ({r[f'copy_last_psnr@{t}']:.2f}) | "
                         f"{'> copy-last' if t == 16 else ''} | {('yes' if ok else 'no') if t == 16 else ''} |")
     for key in ("delta_psnr@4", "paddle_err_px", "ball_presence_agree", "ball_missed", "ball_spurious", "ball_err_px",
-                "serve_drawn_encoder", "serve_drawn_a2l", "off_palette", "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
+                "serve_drawn_encoder", "serve_drawn_a2l", "serve_at_place_encoder", "serve_at_place_a2l", "off_palette", "latent_acc", "latent_token_acc", "latent_frame_match", "play_sps"):
         if key in r:
             bar, test = BARS.get(key, ("", None))
             val = f"{r[key]:.2%}" if key == "off_palette" else f"{r[key]:.3f}" if isinstance(r[key], float) else r[key]

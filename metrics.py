@@ -97,7 +97,20 @@ def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
     return float(pts[:, 0].min() + BALL_ROWS.start), float(pts[:, 1].min() + PLAY_COLS.start)
 
 
-def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = (110, 130)) -> list[int]:
+SERVE_ROWS = (110, 130)
+
+
+def serve_place(frame_t: np.ndarray, frame_t1: np.ndarray, rows: tuple[int, int] = SERVE_ROWS) -> tuple[int, int] | None:
+    """(top row, left column) where the game serves the ball between frame t and t+1, else None: no ball
+    at t, a ball at t+1 in `rows`. The place (around x 18, 79 or 140, plus how many emulator frames of
+    the frameskip the ball has already moved) is the game's own random choice: no frame predicts it."""
+    if ball_position(frame_t) is not None:
+        return None
+    ball = ball_position(frame_t1)
+    return (int(ball[0]), int(ball[1])) if ball is not None and rows[0] <= ball[0] < rows[1] else None
+
+
+def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = SERVE_ROWS) -> list[int]:
     """Breakout's serve: the steps t (>= first) where frame t shows no ball and frame t+1 shows one in
     `rows`, at one of a few places the game picks (around x 18, 79 or 140) that no frame predicts."""
     balls = [ball_position(f) for f in frames]

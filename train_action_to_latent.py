@@ -89,6 +89,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     per_action = np.zeros((A, 2))
     colors = torch.as_tensor(palette.colors, device=device)
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy")}
+    generator = torch.Generator().manual_seed(cfg.seed)   # the event's place is sampled (as at play time)
+    events_seen = np.zeros(4, dtype=np.int64)   # real events, of them fired, of them at the right place; false alarms
     for b in range(0, len(pick), 128):
         items = [val[i] for i in pick[b:b + 128]]
         ctx = torch.stack([it["context"] for it in items]).to(device)
@@ -96,7 +98,12 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         act = torch.tensor([it["action"] for it in items], device=device)
         past = torch.stack([it["past_actions"] for it in items]).to(device)
         true = torch.stack([it["codes"] for it in items]).to(device)
-        pred = a2l.sample(act, ctx, past_actions=past)
+        pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator, past_actions=past)
+        true_events = wm.transition_events(palette, ctx[:, -1], nxt) if wm.num_events else None
+        if pred_events is not None:
+            happened, fired = true_events > 0, pred_events > 0
+            events_seen += [happened.sum().item(), (happened & fired).sum().item(),
+                            (happened & (pred_events == true_events)).sum().item(), (~happened & fired).sum().item()]
         np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
         ok_tok = (pred == true)
         ok = ok_tok.all(1)
@@ -107,8 +114,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         real = colors[nxt.long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
         frames = {}
-        for key, codes in (("pred", pred), ("enc", true)):
-            frames[key] = wm.predict_next(ctx, codes)
+        for key, codes, events in (("pred", pred, pred_events), ("enc", true, true_events)):
+            frames[key] = wm.predict_next(ctx, codes, events)
             out = colors[frames[key].long()]
             acc[key].add(out, real)
             acc["m_" + key].add(out, real, mask)
@@ -122,6 +129,9 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
            "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
            "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
            "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
+    if a2l.num_events and events_seen[0]:
+        res.update(event_recall=events_seen[1] / events_seen[0], event_place_acc=events_seen[2] / events_seen[0],
+                   event_false_alarm=events_seen[3] / max(1, n - events_seen[0]), val_events=int(events_seen[0]))
     for a, name in enumerate(names):
         if per_action[a, 1]:
             res[f"latent_acc_{name}"] = per_action[a, 0] / per_action[a, 1]
@@ -176,7 +186,8 @@ def main(argv=None) -> None:
     train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, past_actions), pairs)
     val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, past_actions), pairs)
     a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size, cfg.width,
-                         cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2").to(device)
+                         cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
+                         num_events=wm.num_events).to(device)
     opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
@@ -208,8 +219,11 @@ def main(argv=None) -> None:
         while step < cfg.steps:
             for items in loader:
                 ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
-                logits = a2l(act, ctx if cfg.model == "v2" else None, items["past_actions"].to(device))
+                logits, event_logits = a2l.forward_events(act, ctx if cfg.model == "v2" else None, items["past_actions"].to(device))
                 loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+                if event_logits is not None:   # the world model's events, read off the real frames
+                    events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
+                    loss = loss + F.cross_entropy(event_logits, events)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -227,7 +241,9 @@ def main(argv=None) -> None:
                     tqdm.write(f"step {step}: latent_acc {last_val['latent_acc']:.3f}, token_acc {last_val['token_acc']:.3f}, "
                                f"same frame as the encoder's latent {last_val['latent_frame_match']:.3f}, "
                                f"motion_psnr@1 predicted {last_val['motion_psnr@1_predicted_latent']:.2f} / encoder "
-                               f"{last_val['motion_psnr@1_encoder_latent']:.2f} / copy-last {last_val['copy_last_motion_psnr@1']:.2f}")
+                               f"{last_val['motion_psnr@1_encoder_latent']:.2f} / copy-last {last_val['copy_last_motion_psnr@1']:.2f}"
+                               + (f"; serves: {last_val['event_recall']:.3f} foreseen, {last_val['event_place_acc']:.3f} at "
+                                  f"the right place, false alarms {last_val['event_false_alarm']:.4f}" if "event_recall" in last_val else ""))
                     checkpoint()
                 if step >= cfg.steps:
                     break

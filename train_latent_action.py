@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm import tqdm
 
 import atari_env
@@ -73,6 +73,11 @@ class Config:
     prior_warmup: int = arg(1000, "steps over which the pull rises from 0 to --action_prior (the codes settle first)")
     prior_from: str = arg("", "start the prior from these action_to_latent.safetensors (stage 5's model for --init_from's "
                               "world model; its shape replaces --prior_width/--prior_past_actions)")
+    events: bool = arg(False, "Breakout: a second input to the decoder saying where the game serves the ball (labelled from "
+                              "the frames; stage 5 predicts it from keys + frames); the serve's place is a random choice "
+                              "of the game the latent action never learned (README stage 3)")
+    event_fraction: float = arg(0.25, "with --events: share of each batch drawn from transitions with an event (serves are ~2%%)")
+    event_scan: int = arg(300, "with --events: training episodes searched for events (their places and the oversampled pool)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
     freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
     merge_codes: str = arg("", "with --init_from: read the encoder's code a as code b, e.g. '3:0,7:6' (codes the decoder "
@@ -98,7 +103,7 @@ class Config:
 
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
-                "codebook_size", "code_dim", "max_colors", "positional")
+                "codebook_size", "code_dim", "max_colors", "positional", "events")
 PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
 
 
@@ -114,6 +119,21 @@ def merged_codes(cfg: Config, init_meta: dict | None, state: dict | None) -> lis
     if set(merged) & set(merged.values()):
         raise UserError(f"--merge_codes: a code is both merged away and merged into ({merged}); name its final code")
     return sorted([a, b] for a, b in merged.items())
+
+
+def find_events(windows: gd.GameplayWindows, palette: Palette, episodes: int) -> tuple[list, list]:
+    """Serves (metrics.serve_steps) in the first `episodes` episodes of `windows` -> (event places: each
+    (row, col) seen at least twice, the dataset items of every serve). Items are kept whole (a few
+    hundred of them) so that each batch can mix some in without decoding their episodes again."""
+    places, items, start = Counter(), [], 0
+    for e, n in enumerate(windows.lengths):
+        if e < episodes:
+            frames = palette.to_rgb(windows.episode(e)["frames"])
+            for t in wm_metrics.serve_steps(frames, windows.context - 1):
+                places[wm_metrics.serve_place(frames[t], frames[t + 1])] += 1
+                items.append(windows[start + t])
+        start += n
+    return sorted(p for p, c in places.items() if c >= 2), items
 
 
 def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
@@ -162,9 +182,10 @@ def make_prior(cfg, palette: Palette, world_meta: dict | None) -> ActionToLatent
 
 @torch.no_grad()
 def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows, cfg: Config, device,
-             grid_path: Path, prior: ActionToLatent | None = None) -> dict:
+             grid_path: Path, prior: ActionToLatent | None = None, val_serves: list | None = None) -> dict:
     """psnr@1 / motion_psnr@1 with the encoder's latent vs copy-last, on held-out episodes (and, with a
-    prior, how often it predicts the encoder's code: what stage 5 can hope for)."""
+    prior, how often it predicts the encoder's code: what stage 5 can hope for; with `val_serves`, the
+    share of those held-out serves drawn at their place)."""
     model.eval()
     prior_hits = 0
     pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
@@ -183,7 +204,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
             act = torch.tensor([it["action"] for it in items], device=device)
             prior_hits += (prior.sample(act, ctx, past_actions=past) == codes).all(1).sum().item()
         action_code.update((it["prev_action"], it["action"], tuple(c)) for it, c in zip(items, codes.tolist()))
-        pred = model.predict_next(ctx, codes)
+        pred = model.predict_next(ctx, codes, model.transition_events(palette, ctx[:, -1], nxt))
         real_rgb, pred_rgb, last_rgb = colors[nxt.long()], colors[pred.long()], colors[ctx[:, -1].long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
         acc["psnr"].add(pred_rgb, real_rgb)
@@ -194,7 +215,9 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
             order = mask.sum((1, 2)).argsort(descending=True)[:4].cpu().numpy()
             shown = (last_rgb[order].cpu().numpy(), real_rgb[order].cpu().numpy(), pred_rgb[order].cpu().numpy())
     wm_metrics.error_grid(*shown, grid_path)
-    tf = teacher_forced_psnr(model, val, cfg, colors, device)
+    tf = teacher_forced_psnr(model, val, cfg, colors, device, palette)
+    if val_serves:
+        tf["serve_drawn_at_place"] = serves_drawn(model, palette, val_serves, device)
     model.train()
     return {**wm_metrics.latent_purity(action_code), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
@@ -203,8 +226,24 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
 
 
 @torch.no_grad()
+def serves_drawn(model: LatentActionModel, palette: Palette, serves: list, device) -> float:
+    """Share of the serve transitions (dataset items) where the decoder, given the encoder's latent and the
+    event, draws the ball within 2 px of where the game put it."""
+    hits = 0
+    for b in range(0, len(serves), 64):
+        batch = default_collate(serves[b:b + 64])
+        ctx, nxt = batch["context"][:, -model.context:].to(device), batch["next"].to(device)
+        _, codes, _ = model.encode(ctx, nxt)
+        pred = palette.to_rgb(model.predict_next(ctx, codes, model.transition_events(palette, ctx[:, -1], nxt)).cpu().numpy())
+        for p, r in zip(pred, palette.to_rgb(nxt.cpu().numpy())):
+            drawn, real = wm_metrics.ball_position(p), wm_metrics.ball_position(r)
+            hits += drawn is not None and abs(drawn[0] - real[0]) <= 2 and abs(drawn[1] - real[1]) <= 2
+    return hits / len(serves)
+
+
+@torch.no_grad()
 def teacher_forced_psnr(model: LatentActionModel, val: gd.GameplayWindows, cfg: Config, colors, device,
-                        horizons=(1, 4, 16, 32)) -> dict:
+                        palette: Palette, horizons=(1, 4, 16, 32)) -> dict:
     """Decoder rolled forward on its own uint8 outputs, with the encoder's latents from the real frames."""
     H, k = max(horizons), model.context
     starts = []
@@ -219,7 +258,8 @@ def teacher_forced_psnr(model: LatentActionModel, val: gd.GameplayWindows, cfg: 
     acc = {t: (wm_metrics.PSNRAccumulator(), wm_metrics.PSNRAccumulator()) for t in horizons}
     for t in range(1, H + 1):
         _, codes, _ = model.encode(real[:, t - 1:t - 1 + k], real[:, t - 1 + k])
-        pred = model.predict_next(ctx, codes)
+        events = model.transition_events(palette, real[:, t - 2 + k], real[:, t - 1 + k])
+        pred = model.predict_next(ctx, codes, events)
         ctx = torch.cat([ctx[:, 1:], pred[:, None]], 1)
         if t in acc:
             truth = colors[real[:, t - 1 + k].long()]
@@ -237,7 +277,8 @@ def validate_saved(cfg: Config, out_dir: Path, val_files, device) -> None:
     val = gd.GameplayWindows(val_files, model.context, max(4, len(val_files)), frame_transform=palette.to_index)
     grid = out_dir / "train" / "world_model" / "val_grid_eval_only.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
-    result = validate(model, palette, val, cfg, device, grid)
+    serves = find_events(val, palette, len(val_files))[1] if cfg.game == "breakout" else []
+    result = validate(model, palette, val, cfg, device, grid, val_serves=serves)
     result.update(step=meta.get("step"), keep_bias=model.keep_bias, device=str(device))
     save_json(out_dir / "world_model_eval_only.json", result)
     print("\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
@@ -251,6 +292,8 @@ def main(argv=None) -> None:
         raise UserError("--context must be >= 2 (one frame cannot show the ball's velocity)")
     if cfg.action_prior > 0 and cfg.freeze_encoder:
         raise UserError("--action_prior shapes the encoder's latents; it cannot be used with --freeze_encoder")
+    if cfg.events and cfg.game != "breakout":
+        raise UserError(f"--events needs an event detector for the game; there is one for breakout, not {cfg.game}")
     if cfg.merge_codes and not (cfg.init_from or cfg.resume):
         raise UserError("--merge_codes needs --init_from: it names codes of a trained world model")
     if cfg.prior_from and not (cfg.init_from or cfg.resume):
@@ -264,6 +307,7 @@ def main(argv=None) -> None:
         for key, old_default in (("positional", False), ("dead_code", 2.0), ("action_prior", 0.0)):   # from before the options
             state["config"].setdefault(key, old_default)
         state["config"].setdefault("merge_codes", "")
+        state["config"].setdefault("events", False)
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE + ("merge_codes",))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -285,20 +329,40 @@ def main(argv=None) -> None:
         init, palette, init_meta = load_world_model(cfg.init_from, cfg.game, device)
         hp = init.hparams
         cfg = dataclasses.replace(cfg, **{k: hp[k] for k in ARCHITECTURE if k in hp})
+        if hp.get("event_places"):
+            cfg = dataclasses.replace(cfg, events=True)
     else:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
-    model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
-                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
-                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
-                              merged_codes(cfg, init_meta, state)).to(device)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    if cfg.freeze_encoder:
-        model.freeze_encoder()
     prior = make_prior(cfg, palette, init_meta).to(device) if cfg.action_prior > 0 else None
     if prior is not None and prior.past_actions != cfg.prior_past_actions:   # --prior_from decides
         cfg = dataclasses.replace(cfg, prior_past_actions=prior.past_actions)
+    to_index = palette.to_index
+    # one extra history frame: self-forcing predicts the last context frame from the ones before it
+    past = cfg.prior_past_actions if prior is not None else 0   # the keys are read only by the prior
+    train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index, past_actions=past)
+    val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index, past_actions=past)
+    places, event_pool, val_serves = None, [], []
+    if cfg.events:
+        places, event_pool = find_events(train, palette, cfg.event_scan)
+        if state is not None:
+            places = json.loads(state["event_places"])
+        elif init_meta and init_meta["hparams"].get("event_places"):
+            places = init_meta["hparams"]["event_places"]
+        if not places or not event_pool:
+            raise UserError(f"--events: no serve found in the first {cfg.event_scan} training episodes of {data_dir}")
+        val_serves = find_events(val, palette, len(val_files))[1]
+        print(f"events: {len(event_pool)} serves at {len(places)} places in the first {cfg.event_scan} training episodes")
+    model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
+                              cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
+                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
+                              merged_codes(cfg, init_meta, state), places).to(device)
+    if init is not None:   # strict=False only for an event table the --init_from weights did not have
+        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        if unexpected or set(missing) - {"event_embed.weight"}:
+            raise UserError(f"{cfg.init_from}: weights do not fit the model ({(unexpected or missing)[0]} ...)")
+    if cfg.freeze_encoder:
+        model.freeze_encoder()
     params = list(model.named_parameters()) + (list(prior.named_parameters()) if prior is not None else [])
     decay = [p for n, p in params if p.dim() >= 2 and p.requires_grad]
     no_decay = [p for n, p in params if p.dim() < 2 and p.requires_grad]
@@ -317,12 +381,6 @@ def main(argv=None) -> None:
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}")
     fwd = torch.compile(model) if cfg.compile else model
-
-    to_index = palette.to_index
-    # one extra history frame: self-forcing predicts the last context frame from the ones before it
-    past = cfg.prior_past_actions if prior is not None else 0   # the keys are read only by the prior
-    train = gd.GameplayWindows(train_files, cfg.context + 1, cfg.cache_episodes, frame_transform=to_index, past_actions=past)
-    val = gd.GameplayWindows(val_files, cfg.context, max(4, len(val_files)), frame_transform=to_index, past_actions=past)
     sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
     sampler.epoch = step // max(1, len(train) // cfg.batch_size)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
@@ -337,6 +395,7 @@ def main(argv=None) -> None:
                                     "sched": sched.state_dict(), "step": step, "palette": torch.as_tensor(palette.colors),
                                     "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state(),
                                     "merged_codes": json.dumps(model.hparams.get("merged_codes", [])),
+                                    "event_places": json.dumps(model.event_places),
                                     **({"prior": prior.state_dict()} if prior is not None else {})})
         save_weights(out_dir / "world_model.safetensors", model, {**meta, "step": step, "validation": last_val})
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
@@ -346,17 +405,24 @@ def main(argv=None) -> None:
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
     t0, last_val = time.time(), best
     model.train()
+    rng = np.random.default_rng(cfg.seed + step)
     try:
         while step < cfg.steps:
             for items in loader:
+                if event_pool and cfg.event_fraction > 0:   # the last rows of the batch: serves
+                    n = int(round(cfg.event_fraction * cfg.batch_size))
+                    extra = default_collate([event_pool[i] for i in rng.integers(len(event_pool), size=n)])
+                    items = {key: torch.cat([items[key][:cfg.batch_size - n], extra[key]]) for key in
+                             ("context", "next", "action", "past_actions")}
                 history, nxt, action, past_actions = to_batch(items, device)
+                events = model.transition_events(palette, history[:, -1], nxt) if model.num_events else None
                 ctx = history[:, 1:]
                 if cfg.self_forcing > 0:
                     ctx = self_forced_context(model, history, cfg.self_forcing)
                 if cfg.context_noise > 0:
                     ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    cells, codes, commit, z = fwd(history[:, 1:], nxt, ctx)
+                    cells, codes, commit, z = fwd(history[:, 1:], nxt, ctx, events)
                 recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)
                 loss = recon + commit.sum()
                 if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
@@ -386,7 +452,7 @@ def main(argv=None) -> None:
                     bar.set_postfix(loss=f"{recon.item():.4f}", codes=int((counts > 0).sum()), ppl=f"{perplexity:.1f}")
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     grid = out_dir / "train" / "world_model" / f"val_grid_{step:06d}.png"
-                    last_val = validate(model, palette, val, cfg, device, grid, prior)
+                    last_val = validate(model, palette, val, cfg, device, grid, prior, val_serves)
                     last_val["train_minutes"] = round((time.time() - t0) / 60, 1)
                     logger.log(last_val, step)
                     logger.log_image("val_grid", grid, step)
@@ -394,7 +460,8 @@ def main(argv=None) -> None:
                                f"motion_psnr@1 {last_val['motion_psnr@1']:.2f} (copy-last {last_val['copy_last_motion_psnr@1']:.2f}), "
                                f"tf_psnr@16 {last_val.get('tf_psnr@16', float('nan')):.2f} "
                                f"(copy-last {last_val.get('tf_copy_last_psnr@16', float('nan')):.2f})"
-                               + (f", prior latent_acc {last_val['prior_latent_acc']:.3f}" if prior is not None else ""))
+                               + (f", prior latent_acc {last_val['prior_latent_acc']:.3f}" if prior is not None else "")
+                               + (f", held-out serves drawn {last_val['serve_drawn_at_place']:.3f}" if val_serves else ""))
                     checkpoint(last_val)
                 if step >= cfg.steps:
                     break

@@ -5,7 +5,8 @@
     obs, info = env.reset(options={"frames": frames_k_210_160_3})
     obs, reward, terminated, truncated, info = env.step(2)       # RIGHT
 
-Each step: real action (+ the k context frames) -> action->latent model -> latent code -> decoder ->
+Each step: real action (+ the k context frames) -> action->latent model -> latent code (and, for a world
+model with events, whether and where the ball is served) -> decoder ->
 next frame as palette indices -> uint8 RGB. The indices are what is fed back, so what you see is
 exactly what the model continues from. Rewards are not modelled (always 0); episodes never end on
 their own (use max_episode_steps or gymnasium's TimeLimit).
@@ -96,19 +97,20 @@ class NeuralAtariEnv(gym.Env):
                                 f"({', '.join(self.action_names)}), got {action!r}")
         with torch.inference_mode():
             act = torch.tensor([int(action)], device=self.device)
-            codes = self.a2l.sample(act, self._ctx, self.temperature, self._generator, self._past)
+            codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past)
             self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)
-            nxt = self.world_model.predict_next(self._ctx, codes)
+            nxt = self.world_model.predict_next(self._ctx, codes, event)
             self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
-        return self._obs(), 0.0, False, truncated, {"step": self._steps, "latent": codes[0].tolist()}
+        return self._obs(), 0.0, False, truncated, {"step": self._steps, "latent": codes[0].tolist(),
+                                                     "event": int(event[0]) if event is not None else 0}
 
-    def step_latent(self, codes) -> np.ndarray:
-        """Advance with explicit latent codes (evaluation: random latents, teacher forcing)."""
+    def step_latent(self, codes, event: int = 0) -> np.ndarray:
+        """Advance with explicit latent codes and event (evaluation: random latents, teacher forcing)."""
         with torch.inference_mode():
             c = torch.as_tensor(codes, device=self.device).view(1, -1)
-            nxt = self.world_model.predict_next(self._ctx, c)
+            nxt = self.world_model.predict_next(self._ctx, c, torch.tensor([int(event)], device=self.device))
             self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
         self._steps += 1
         return self._obs()

@@ -219,15 +219,18 @@ class LatentActionModel(nn.Module):
     def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
                  code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0, dead_code: float = 2.0,
-                 positional: bool = False, merged_codes: list | None = None):
+                 positional: bool = False, merged_codes: list | None = None, event_places: list | None = None):
         super().__init__()
         merged_codes = [[int(a), int(b)] for a, b in (merged_codes or [])]
+        event_places = [[int(r), int(c)] for r, c in (event_places or [])]
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
                             enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
                             codebook_size=codebook_size, code_dim=code_dim, head_hidden=head_hidden,
                             keep_bias=keep_bias, dead_code=dead_code, positional=positional)
         if merged_codes:   # only when used, so weights without merges keep their metadata as before
             self.hparams["merged_codes"] = merged_codes
+        if event_places:   # likewise: weights without events keep their metadata and tensors
+            self.hparams["event_places"] = event_places
         self.keep_bias = keep_bias   # added to the keep logit when decoding (keep_bias_for); 0 = raw argmax
         self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
         self.codebook_size, self.code_dim, self.positional = codebook_size, code_dim, positional
@@ -252,6 +255,15 @@ class LatentActionModel(nn.Module):
         self.register_buffer("code_map", code_map, persistent=False)
         # decoder: sees context frames, FiLM-conditioned on the quantised latent
         cond = num_tokens * code_dim
+        # events (README stage 3, "the serve"): what the game decides at random and no frame predicts, so
+        # the latent action never learned it (sessions 6-14). Event e > 0 = "the ball is served at
+        # event_places[e - 1]", labelled from the recorded frames (metrics.serve_place); its vector is added
+        # to the latent's. Event 0 = nothing happens: fixed at zero, so a model without events decodes alike.
+        self.event_places = event_places
+        self.num_events = len(event_places) + 1 if event_places else 0
+        self.event_embed = nn.Embedding(self.num_events, cond, padding_idx=0) if event_places else None
+        if self.event_embed is not None:
+            nn.init.zeros_(self.event_embed.weight)   # a fine-tune starts from the model it was given
         self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond, positional=positional)
         # Per pixel: class 0 = "keep the last frame's colour", class 1 + c = "becomes palette colour c".
         # 1x1 convs written as Linear over cells: the same maths, 2x faster on CPU at batch 1.
@@ -303,11 +315,35 @@ class LatentActionModel(nn.Module):
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vq.get_output_from_indices(codes).view(-1, self.num_tokens, self.code_dim)
 
+    def event_labels(self, places: list) -> torch.Tensor:
+        """[(row, col) of a serve, or None] per transition -> (B,) event ids: 0 for None, else 1 + the
+        nearest of event_places (a place seen once in training is still labelled by its neighbour)."""
+        out = torch.zeros(len(places), dtype=torch.long)
+        if self.event_places:
+            table = torch.tensor(self.event_places, dtype=torch.float32)
+            for i, p in enumerate(places):
+                if p is not None:
+                    out[i] = 1 + int((table - torch.tensor(p, dtype=torch.float32)).pow(2).sum(1).argmin())
+        return out
+
+    def transition_events(self, palette: Palette, last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """(B,) event ids of real transitions last -> next ((B, 210, 160) palette indices); all 0 without
+        events. The label is read off the frames by the game's object detector (metrics.serve_place)."""
+        if not self.num_events:
+            return torch.zeros(len(last_idx), dtype=torch.long, device=last_idx.device)
+        import metrics
+        last, nxt = palette.to_rgb(last_idx.cpu().numpy()), palette.to_rgb(next_idx.cpu().numpy())
+        return self.event_labels([metrics.serve_place(a, b) for a, b in zip(last, nxt)]).to(last_idx.device)
+
     # --- decoder (the world model)
-    def decode_cells(self, context_idx: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def decode_cells(self, context_idx: torch.Tensor, latent: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """-> (B, 540, 1 + num_colors, 64) logits: per grid cell, per class, per pixel of the 8x8 cell.
-        Class 0 = keep the last frame's colour, class 1 + c = become palette colour c."""
-        h = self.dec(context_idx, latent.reshape(latent.shape[0], -1))
+        Class 0 = keep the last frame's colour, class 1 + c = become palette colour c. `events`: (B,) event
+        ids (None = no event); ignored by a model without events."""
+        cond = latent.reshape(latent.shape[0], -1)
+        if events is not None and self.event_embed is not None:
+            cond = cond + self.event_embed(events.to(cond.device).long())
+        h = self.dec(context_idx, cond)
         return self.head(h.flatten(2).transpose(1, 2)).unflatten(2, (self.num_colors + 1, CELL * CELL))
 
     def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
@@ -321,22 +357,22 @@ class LatentActionModel(nn.Module):
         return (ce * weight.flatten(0, 1)).sum() / weight.sum()
 
     @torch.no_grad()
-    def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """Next frame as palette indices (B, 210, 160) uint8: exactly what is shown and fed back.
         The argmax runs in the cell layout (cheaper than on the reshuffled image)."""
-        cells = self.decode_cells(context_idx, self.codes_to_latent(codes))
+        cells = self.decode_cells(context_idx, self.codes_to_latent(codes), events)
         if self.keep_bias:
             cells[:, :, 0] += self.keep_bias
         change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
         return apply_change(context_idx[:, -1], from_cells(change))
 
-    def forward(self, context_idx, next_idx, decode_context=None):
+    def forward(self, context_idx, next_idx, decode_context=None, events=None):
         """Training pass: -> (decoder cell logits, codes, commitment loss, the encoder's continuous output).
         The encoder always sees the real frames; the decoder sees `decode_context` when given (self-forcing),
-        else the same frames."""
+        else the same frames, and the transitions' `events` when given."""
         z = self.encoder_output(context_idx, next_idx)
         quantized, codes, commit = self.quantize(z)
-        return self.decode_cells(context_idx if decode_context is None else decode_context, quantized), codes, commit, z
+        return self.decode_cells(context_idx if decode_context is None else decode_context, quantized, events), codes, commit, z
 
     def prior_pull(self, z: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
         """Squared distance (mean over code dimensions, the commitment loss's scale) from the encoder's
@@ -347,6 +383,9 @@ class LatentActionModel(nn.Module):
         codebook = self.vq.codebook.detach().view(-1, self.code_dim)                 # (K, D)
         confidence, guess = torch.softmax(prior_logits.detach().float(), -1).max(-1)  # (B, T)
         return (confidence * (z - codebook[guess]).pow(2).mean(-1)).mean()
+
+
+EVENT_FLOOR = 0.05   # ActionToLatent.sample_step: odds of an event below this are read as none
 
 
 class ActionToLatent(nn.Module):
@@ -363,13 +402,15 @@ class ActionToLatent(nn.Module):
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
                  codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
-                 past_actions: int | None = None, positional: bool = False):
+                 past_actions: int | None = None, positional: bool = False, num_events: int = 0):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
         self.hparams = dict(version=version, num_actions=num_actions, num_colors=num_colors, context=context,
                             num_tokens=num_tokens, codebook_size=codebook_size, width=width, depth=depth,
                             embed_dim=embed_dim, past_actions=past_actions, positional=positional)
+        if num_events:   # only when used, so weights from before events keep their metadata
+            self.hparams["num_events"] = num_events
         self.version, self.num_tokens, self.codebook_size = version, num_tokens, codebook_size
         self.num_actions, self.past_actions, self.positional = num_actions, past_actions, positional
         self.action_embed = nn.Embedding(num_actions, 64)
@@ -382,11 +423,25 @@ class ActionToLatent(nn.Module):
             self.frames = None
             in_dim = 64
         self.out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_tokens * codebook_size))
+        # the world model's events (a serve and its place): whether one happens follows from the keys and
+        # frames (FIRE with no ball in play), where it happens does not, so play samples the place
+        self.num_events = num_events
+        self.event_out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
                 past_actions: torch.Tensor | None = None) -> torch.Tensor:
-        """`past_actions`: (B,) a_t-1, or (B, n) the n actions before a_t, oldest first; NOOP (0) where
-        unknown (also when None or shorter than the model's history)."""
+        """-> (B, num_tokens, codebook_size) code logits. `past_actions`: (B,) a_t-1, or (B, n) the n
+        actions before a_t, oldest first; NOOP (0) where unknown (also when None or shorter than the
+        model's history)."""
+        return self.out(self.features(action, context_idx, past_actions)).view(-1, self.num_tokens, self.codebook_size)
+
+    def forward_events(self, action, context_idx=None, past_actions=None):
+        """-> (code logits, event logits (B, num_events) or None), from one pass over the frames."""
+        f = self.features(action, context_idx, past_actions)
+        codes = self.out(f).view(-1, self.num_tokens, self.codebook_size)
+        return codes, (self.event_out(f) if self.event_out is not None else None)
+
+    def features(self, action, context_idx=None, past_actions=None) -> torch.Tensor:
         a = self.action_embed(action.long())
         if self.prev_action_embed is not None:
             past = self.pad_history(action, past_actions)
@@ -396,7 +451,7 @@ class ActionToLatent(nn.Module):
             h = self.frames(context_idx, a)
             pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
             a = torch.cat([a] + pooled, 1)
-        return self.out(a).view(-1, self.num_tokens, self.codebook_size)
+        return a
 
     def pad_history(self, action: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
         """-> (B, past_actions) long, oldest first, NOOP-padded on the left."""
@@ -409,11 +464,28 @@ class ActionToLatent(nn.Module):
     @torch.no_grad()
     def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None,
                past_actions=None) -> torch.Tensor:
-        logits = self(action, context_idx, past_actions)
+        return self.sample_step(action, context_idx, temperature, generator, past_actions)[0]
+
+    @torch.no_grad()
+    def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None):
+        """-> (codes (B, num_tokens), event ids (B,) or None). Codes: argmax, or sampled at `temperature`.
+        Event: sampled from the model's odds, whether and where, as the game draws them (when a serve comes
+        after FIRE hangs on a timer no frame shows, so its odds at a FIRE are well below one half), except
+        that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
+        steps would otherwise add up to stray serves over a long game. Sampling runs on the CPU, where
+        `generator` lives."""
+        logits, event_logits = self.forward_events(action, context_idx, past_actions)
         if temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, -1)
-        return torch.multinomial(probs.view(-1, self.codebook_size), 1, generator=generator).view(probs.shape[:2])
+            codes = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits.float().cpu() / temperature, -1)
+            codes = torch.multinomial(probs.view(-1, self.codebook_size), 1, generator=generator).view(probs.shape[:2])
+            codes = codes.to(logits.device)
+        if event_logits is None:
+            return codes, None
+        p = torch.softmax(event_logits.float().cpu(), -1)
+        p[p[:, 0] > 1 - EVENT_FLOOR] = torch.eye(p.shape[1])[0]
+        return codes, torch.multinomial(p, 1, generator=generator)[:, 0].to(logits.device)
 
 
 # ----------------------------------------------------------------------------- shipped weights
@@ -473,6 +545,9 @@ def load_action_to_latent(path, world_meta: dict, device="cpu"):
     if (hp["num_tokens"], hp["codebook_size"], hp["context"]) != (wm["num_tokens"], wm["codebook_size"], wm["context"]):
         raise UserError(f"{path} predicts {hp['num_tokens']}x{hp['codebook_size']} latents from {hp['context']} frames; "
                         f"the world model uses {wm['num_tokens']}x{wm['codebook_size']} from {wm['context']}")
+    if hp.get("num_events", 0) and hp["num_events"] != len(wm.get("event_places", [])) + 1:
+        raise UserError(f"{path} predicts {hp['num_events']} events; the world model has "
+                        f"{len(wm.get('event_places', [])) + 1 if wm.get('event_places') else 'none'}")
     model = ActionToLatent(**hp)
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta

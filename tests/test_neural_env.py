@@ -32,8 +32,8 @@ def test_neural_env_feeds_the_past_actions_to_the_action_to_latent_model(tiny_mo
     n = env.unwrapped.a2l.past_actions
     assert n >= 1                                            # v2 default
     seen = []
-    real_sample = env.unwrapped.a2l.sample
-    monkeypatch.setattr(env.unwrapped.a2l, "sample",
+    real_sample = env.unwrapped.a2l.sample_step
+    monkeypatch.setattr(env.unwrapped.a2l, "sample_step",
                         lambda act, ctx, t, g, past: seen.append(past[0].tolist()) or real_sample(act, ctx, t, g, past))
     frames = np.zeros((2, 210, 160, 3), np.uint8)
     env.reset(options={"frames": frames, "past_actions": [1, 3]})
@@ -182,9 +182,9 @@ def test_encoder_latent_rollouts_use_each_real_transition(tiny_data, tiny_models
     env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
     frames = gd.load_episode(gd.list_episodes(tiny_data)[0])["frames"][:12]
     k, wm = env.context_length, env.world_model
-    codes = encoder_codes(env, frames)
+    codes, events = encoder_codes(env, frames)
     idx = torch.from_numpy(env.palette.to_index(frames))
-    assert len(codes) == len(frames) - k
+    assert len(codes) == len(events) == len(frames) - k and set(events) == {0}   # a world model without events
     for t in (0, 5, len(frames) - k - 1):
         assert torch.equal(codes[t], wm.encode(idx[None, t:t + k], idx[None, t + k])[1][0])
     run_script("evaluate_world_model.py", "--data-dir", tiny_data, "--checkpoint-dir", tiny_models, "--out-dir",

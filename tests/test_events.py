@@ -1,0 +1,117 @@
+"""World-model events (README stage 3, "the serve"): the game's random serve place, labelled from the
+frames, read by the decoder, predicted (whether) and sampled (where) by the action->latent model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+from common import UserError
+from conftest import TINY_WM, run_script
+from models.world_model import ActionToLatent, LatentActionModel, load_action_to_latent, load_world_model, save_weights
+
+RED = (200, 72, 72)
+
+
+def frame_with_ball(row=None, col=None) -> np.ndarray:
+    f = np.zeros((210, 160, 3), np.uint8)
+    if row is not None:
+        f[row:row + 4, col:col + 2] = RED
+    return f
+
+
+def test_serve_place_is_a_ball_appearing_in_the_serve_rows():
+    assert metrics.serve_place(frame_with_ball(), frame_with_ball(124, 76)) == (124, 76)
+    assert metrics.serve_place(frame_with_ball(150, 40), frame_with_ball(124, 76)) is None   # ball already in play
+    assert metrics.serve_place(frame_with_ball(), frame_with_ball(160, 76)) is None          # not where serves appear
+    assert metrics.serve_place(frame_with_ball(), frame_with_ball()) is None
+    frames = np.stack([frame_with_ball(), frame_with_ball(), frame_with_ball(125, 19), frame_with_ball(128, 21)])
+    assert metrics.serve_steps(frames) == [1]
+
+
+def tiny(**kw):
+    return LatentActionModel(num_colors=6, context=2, width=16, depth=1, enc_width=16, enc_depth=1, codebook_size=4,
+                             code_dim=8, head_hidden=32, positional=True, **kw)
+
+
+def test_event_zero_decodes_as_no_event_and_a_trained_event_changes_the_frame(tmp_path):
+    torch.manual_seed(0)
+    plain, m = tiny().eval(), tiny(event_places=[[124, 76], [125, 19]]).eval()
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["event_embed.weight"] and not unexpected           # only the event table is new
+    assert m.num_events == 3 and "event_places" not in plain.hparams
+    ctx = torch.randint(0, 6, (3, 2, 210, 160), dtype=torch.uint8)
+    codes = torch.tensor([[0], [1], [2]])
+    none = torch.zeros(3, dtype=torch.long)
+    # a fresh table is zero: events change nothing until trained, and event 0 stays zero for good
+    assert torch.equal(m.decode_cells(ctx, m.codes_to_latent(codes), none), plain.decode_cells(ctx, plain.codes_to_latent(codes)))
+    with torch.no_grad():
+        m.event_embed.weight[1:] = 5 * torch.randn(2, m.code_dim)
+    assert torch.equal(m.predict_next(ctx, codes, none), m.predict_next(ctx, codes))
+    assert not torch.equal(m.decode_cells(ctx, m.codes_to_latent(codes), torch.ones(3, dtype=torch.long)),
+                           m.decode_cells(ctx, m.codes_to_latent(codes)))
+    assert m.event_labels([None, (124, 76), (122, 18), (123, 77)]).tolist() == [0, 1, 2, 1]   # nearest place
+    save_weights(tmp_path / "wm.safetensors", m, {"kind": "world_model", "game": "breakout", "hparams": m.hparams,
+                                                  "palette": [[0, 0, 0]] * 6})
+    loaded, _, meta = load_world_model(tmp_path / "wm.safetensors")
+    assert loaded.event_places == [[124, 76], [125, 19]] and torch.equal(loaded.event_embed.weight, m.event_embed.weight)
+
+
+def test_event_sampling_follows_the_odds_and_ignores_unlikely_events():
+    torch.manual_seed(0)
+    a2l = ActionToLatent("v1", 4, 6, 2, 1, 4, num_events=4).eval()
+    act = torch.zeros(400, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+
+    def events_with(bias):
+        with torch.no_grad():
+            a2l.event_out[-1].weight.zero_()
+            a2l.event_out[-1].bias.copy_(torch.tensor(bias))
+        return a2l.sample_step(act, generator=g)[1]
+
+    assert (events_with([4.0, 0.0, 0.0, -20.0]) == 0).all()          # p(some event) ~ 0.035 < EVENT_FLOOR: none
+    events = events_with([-20.0, 1.0, 1.0, -20.0])                    # surely a serve, at place 1 or 2 alike
+    assert set(events.tolist()) == {1, 2} and 150 < (events == 1).sum() < 250
+    events = events_with([0.0, 0.0, -20.0, -20.0])                    # a serve half of the time, always at 1
+    assert set(events.tolist()) == {0, 1} and 150 < (events == 1).sum() < 250
+    codes, _ = a2l.sample_step(act, generator=g)
+    assert torch.equal(codes, a2l.sample(act))
+
+
+def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
+    """Fine-tune a tiny world model with --events, collect, train stage 5 with them, step the neural env."""
+    import shutil
+    tiny_data = shutil.copytree(tiny_data, tmp_path / "breakout")   # its latent pairs are rewritten below
+    wm_dir = tmp_path / "wm"
+    common = ["--data-dir", tiny_data, "--out-dir", wm_dir, "--val-every", 4, *TINY_WM[:-6], "--rollout-starts", 2,
+              "--threads", 1, "--wandb", "disabled"]
+    if not any(metrics.serve_steps(np.load(f)["frames"], 1) for f in sorted((tiny_data / "episodes").glob("*.npz"))):
+        pytest.skip("the random-policy episodes hold no serve")
+    run_script("train_latent_action.py", *common, "--steps", 4, "--events", "--freeze-encoder",
+               "--init-from", tiny_models / "world_model.safetensors", "--event-fraction", 0.5)
+    out = run_script("train_latent_action.py", *common, "--steps", 8, "--resume")
+    assert "resumed at step 4" in out.stdout and "held-out serves drawn" in out.stdout
+    wm, _, meta = load_world_model(wm_dir / "world_model.safetensors")
+    assert wm.num_events >= 2 and meta["config"]["events"]
+    report = json.loads((wm_dir / "world_model_metrics.json").read_text())
+    assert 0 <= report.get("serve_drawn_at_place", 0) <= 1
+    bad = run_script("train_latent_action.py", *common[:-2], "--wandb", "disabled", "--steps", 4, "--events",
+                     "--game", "pong", check=False)
+    assert bad.returncode == 2 and "event detector" in bad.stderr.strip().splitlines()[-1]
+
+    run_script("collect_action_latent_pairs.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
+               "--threads", 1)
+    run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
+               "--out-dir", wm_dir, "--steps", 6, "--val-every", 6, "--width", 8, "--depth", 1, "--batch-size", 8,
+               "--val-samples", 64, "--threads", 1, "--wandb", "disabled")
+    a2l, a2l_meta = load_action_to_latent(wm_dir / "action_to_latent.safetensors", meta)
+    assert a2l.num_events == wm.num_events
+    with pytest.raises(UserError, match="events"):   # an event head for another world model is refused
+        load_action_to_latent(wm_dir / "action_to_latent.safetensors",
+                              {**meta, "hparams": {**meta["hparams"], "event_places": [[124, 76]]}})
+    import atari_env
+    env = atari_env.make_neural_env("breakout", wm_dir, "cpu")
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(1)
+    assert 0 <= info["event"] < wm.num_events
