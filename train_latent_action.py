@@ -123,8 +123,8 @@ def merged_codes(cfg: Config, init_meta: dict | None, state: dict | None) -> lis
 
 def find_events(windows: gd.GameplayWindows, palette: Palette, episodes: int) -> tuple[list, list]:
     """Serves (metrics.serve_steps) in the first `episodes` episodes of `windows` -> (event places: each
-    (row, col) seen at least twice, the dataset items of every serve). Items are kept whole (a few
-    hundred of them) so that each batch can mix some in without decoding their episodes again."""
+    (row, col) seen at least twice, the dataset items of every serve). Items are kept whole (~1,300
+    in 300 Breakout episodes, ~0.2 GB) so that each batch can mix some in without decoding their episodes again."""
     places, items, start = Counter(), [], 0
     for e, n in enumerate(windows.lengths):
         if e < episodes:
