@@ -100,22 +100,32 @@ def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
 SERVE_ROWS = (110, 130)
 
 
+def _served(ball_t, ball_t1, rows) -> tuple[int, int] | None:
+    """The one serve rule: no ball at t, a ball at t+1 in `rows` -> its (top row, left column)."""
+    if ball_t is None and ball_t1 is not None and rows[0] <= ball_t1[0] < rows[1]:
+        return int(ball_t1[0]), int(ball_t1[1])
+    return None
+
+
 def serve_place(frame_t: np.ndarray, frame_t1: np.ndarray, rows: tuple[int, int] = SERVE_ROWS) -> tuple[int, int] | None:
     """(top row, left column) where the game serves the ball between frame t and t+1, else None: no ball
     at t, a ball at t+1 in `rows`. The place (around x 18, 79 or 140, plus how many emulator frames of
     the frameskip the ball has already moved) is the game's own random choice: no frame predicts it."""
-    if ball_position(frame_t) is not None:
+    if ball_position(frame_t) is not None:   # the common case: skip looking at frame t+1
         return None
-    ball = ball_position(frame_t1)
-    return (int(ball[0]), int(ball[1])) if ball is not None and rows[0] <= ball[0] < rows[1] else None
+    return _served(None, ball_position(frame_t1), rows)
+
+
+def serve_places(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = SERVE_ROWS) -> list[tuple[int, tuple[int, int]]]:
+    """[(t, place)] for every serve t -> t+1 (t >= first) in a frame sequence, each frame looked at once."""
+    balls = [ball_position(f) for f in frames]
+    return [(t, place) for t in range(first, len(balls) - 1) if (place := _served(balls[t], balls[t + 1], rows))]
 
 
 def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = SERVE_ROWS) -> list[int]:
     """Breakout's serve: the steps t (>= first) where frame t shows no ball and frame t+1 shows one in
     `rows`, at one of a few places the game picks (around x 18, 79 or 140) that no frame predicts."""
-    balls = [ball_position(f) for f in frames]
-    return [t for t in range(first, len(balls) - 1)
-            if balls[t] is None and balls[t + 1] is not None and rows[0] <= balls[t + 1][0] < rows[1]]
+    return [t for t, _ in serve_places(frames, first, rows)]
 
 
 def object_error_counts(pred_frames: np.ndarray, real_frames: np.ndarray) -> dict[str, tuple[float, int]]:

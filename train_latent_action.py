@@ -122,15 +122,15 @@ def merged_codes(cfg: Config, init_meta: dict | None, state: dict | None) -> lis
 
 
 def find_events(windows: gd.GameplayWindows, palette: Palette, episodes: int) -> tuple[list, list]:
-    """Serves (metrics.serve_steps) in the first `episodes` episodes of `windows` -> (event places: each
+    """Serves (metrics.serve_places) in the first `episodes` episodes of `windows` -> (event places: each
     (row, col) seen at least twice, the dataset items of every serve). Items are kept whole (~1,300
     in 300 Breakout episodes, ~0.2 GB) so that each batch can mix some in without decoding their episodes again."""
     places, items, start = Counter(), [], 0
     for e, n in enumerate(windows.lengths):
         if e < episodes:
             frames = palette.to_rgb(windows.episode(e)["frames"])
-            for t in wm_metrics.serve_steps(frames, windows.context - 1):
-                places[wm_metrics.serve_place(frames[t], frames[t + 1])] += 1
+            for t, place in wm_metrics.serve_places(frames, windows.context - 1):
+                places[place] += 1
                 items.append(windows[start + t])
         start += n
     return sorted(p for p, c in places.items() if c >= 2), items
