@@ -127,8 +127,8 @@ def fire_action_of(game: str) -> int | None:
 
 class RealTwin:
     """The real emulator (world-model view) kept in step with the dream: shared start states for play
-    --side-by-side, the random game's --compare and tests. A start is reset, FIRE, then NOOPs, so the
-    ball is served and in play; the last k frames are the dream's context."""
+    --side-by-side, the random game's --compare and tests. A start is reset, FIRE, then three NOOPs, so the
+    ball is served and in play; the last k frames (at most those five) are the dream's context."""
 
     def __init__(self, game: str, k: int):
         self.env, self.k = make_world_model_env(game), k
@@ -137,7 +137,7 @@ class RealTwin:
     def reset(self, seed: int) -> np.ndarray:
         obs, _ = self.env.reset(seed=seed)
         frames = [obs]
-        for t in range(self.k + 2):
+        for t in range(4):
             obs, *_ = self.env.step(self.fire if t == 0 else 0)
             frames.append(obs)
         self.frame = obs

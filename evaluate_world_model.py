@@ -97,7 +97,9 @@ def main(argv=None) -> None:
     files = gd.split_episodes(data_dir, "val", cfg.val_percent)
     eps = [gd.load_episode(f) for f in files]
     rng = np.random.default_rng(cfg.seed)
-    starts = pick_starts(files, [len(e["actions"]) for e in eps], k, cfg.horizon, cfg.starts, rng)
+    # starts need the decoder's context of real frames (the same starts whatever stage 5 sees); a longer
+    # history for stage 5 repeats the episode's first frame before its start, as in training
+    starts = pick_starts(files, [len(e["actions"]) for e in eps], env.world_model.context, cfg.horizon, cfg.starts, rng)
 
     H = cfg.horizon
     sq = {m: np.zeros(H) for m in ("model", "copy", "random")}
@@ -112,7 +114,7 @@ def main(argv=None) -> None:
         real = np.stack(replay.advance(actions))                      # ground truth from the emulator
         replay.ale.restoreState(state)
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
-        context = ep["frames"][s - k + 1:s + 1]
+        context = gd.history(ep["frames"], s, k)
         past = gd.past_actions(ep["actions"], s, n_past).tolist()
         for mode in ("model", "random"):
             env.reset(options={"frames": context, "past_actions": past})
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
     real_colors = np.unique(np.concatenate([e["frames"][::50].reshape(-1, 3) for e in eps]), axis=0)
     off = []
     for e, s in starts[:4]:
-        env.reset(options={"frames": eps[e]["frames"][s - k + 1:s + 1]})
+        env.reset(options={"frames": gd.history(eps[e]["frames"], s, k)})
         for _ in range(cfg.random_steps):
             frame = env.step(int(rng.integers(n_actions)))[0]
         off.append(wm_metrics.off_palette_fraction(frame, real_colors))
@@ -197,7 +199,7 @@ def serve_drawn(env, eps, generator) -> dict:
     """Share of held-out serves (metrics.serve_steps) where the world model, from the real frames, draws a
     ball (serve_drawn_*), and draws it within 2 px of the real one (serve_at_place_*): with the encoder's
     latent (and the event) of the real transition, and with the action->latent model's."""
-    picks = [(e, t) for e, ep in enumerate(eps) for t in wm_metrics.serve_steps(ep["frames"], env.context_length - 1)]
+    picks = [(e, t) for e, ep in enumerate(eps) for t in wm_metrics.serve_steps(ep["frames"], env.world_model.context - 1)]
     if not picks:
         return {"serves": 0}
     drawn, placed = {"encoder": [], "a2l": []}, {"encoder": [], "a2l": []}
@@ -219,7 +221,7 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     t -> t+1, the action->latent model's latent from a_t (and the actions before it) and the same context,
     then the real transition's event and the action->latent model's (None for a world model without events)."""
     k, pal = env.context_length, env.palette
-    ctx = np.stack([eps[e]["frames"][np.clip(np.arange(t - k + 1, t + 1), 0, None)] for e, t in picks])
+    ctx = np.stack([gd.history(eps[e]["frames"], t, k) for e, t in picks])
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
     n = env.a2l.past_actions

@@ -86,6 +86,11 @@ def split_episodes(root: str | Path, split: str, val_percent: float = 10.0) -> l
     return val if split == "val" else [f for f in files if f not in val]
 
 
+def history(frames: np.ndarray, t: int, n: int) -> np.ndarray:
+    """Frames t-n+1..t, oldest first; before the episode's start its first frame is repeated."""
+    return frames[np.clip(np.arange(t - n + 1, t + 1), 0, None)]
+
+
 def past_actions(actions: np.ndarray, t: int, n: int) -> np.ndarray:
     """(n,) int64: the n actions before step t, oldest first, NOOP (0) before the episode's start."""
     lags = np.arange(t - n, t)
@@ -135,7 +140,7 @@ class GameplayWindows(Dataset):
     def __getitem__(self, i: int) -> dict:
         e, t = self.index[i]
         ep = self.episode(e)
-        ctx = ep["frames"][np.clip(np.arange(t - self.context + 1, t + 1), 0, None)]
+        ctx = history(ep["frames"], t, self.context)
         past = torch.from_numpy(past_actions(ep["actions"], t, self.past_actions))
         return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
                 "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0, "past_actions": past,

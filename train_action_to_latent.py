@@ -27,7 +27,7 @@ import metrics as wm_metrics
 from collect_action_latent_pairs import load_pairs
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json)
-from models.world_model import ActionToLatent, load_world_model, save_weights
+from models.world_model import ActionToLatent, load_action_to_latent, load_world_model, save_weights
 
 PRESETS = {"quick": dict(steps=800, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
 
@@ -41,6 +41,15 @@ class Config:
     world_model: str = arg("", "world model weights (default checkpoints/<game>/world_model.safetensors)")
     out_dir: str = arg("", "weights and logs (default checkpoints/<game>)")
     preset: str = arg("", "set by --preset")
+    context: int = arg(0, "frames v2's code trunk sees, t-n+1..t (0: the world model's; 8 did worse on held-out episodes, README stage 5)")
+    event_context: int = arg(0, "frames the event head also reads through its own encoder (0: none; world models with "
+                                "events): Breakout serves on FIRE only ~7 steps after a lost ball, which two frames "
+                                "cannot show; 8 did not learn it yet (README stage 5, session 16)")
+    event_width: int = arg(16, "channels of the event head's per-frame encoder")
+    event_depth: int = arg(1, "residual blocks of the event head's per-frame encoder (0, a projection only, cannot "
+                              "single out the ball from the bricks: README stage 5)")
+    init_from: str = arg("", "start from these action_to_latent.safetensors (same world model and code trunk)")
+    events_only: bool = arg(False, "train only the event head (codes stay those of --init_from)")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
                                  "and it leaves the right wall only after 2-3 LEFT presses: README stage 5)")
     # on: the paddle's step under a key depends on its absolute column, which a translation-equivariant
@@ -138,6 +147,22 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     return res
 
 
+def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
+    """Load --init_from's weights into `a2l`: every tensor of the code trunk must fit; event-head tensors
+    that do not (a new event head) start fresh."""
+    from models.world_model import read_weights
+    tensors, _ = read_weights(path, "action_to_latent")
+    load_action_to_latent(path, wm_meta)   # the same game and latent shape, or a clear error
+    own = a2l.state_dict()
+    fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in fits and not k.startswith("event_")]
+    if missing:
+        raise UserError(f"--init_from {path} does not fit this model's code trunk ({missing[0]}, ...): "
+                        "give the same --width, --depth, --past_actions, --context")
+    a2l.load_state_dict(fits, strict=False)
+    print(f"started from {path}: {len(fits)} tensors, {len(own) - len(fits)} new (event head)")
+
+
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -170,7 +195,10 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "action_to_latent_train")
-        cfg = restore_config(cfg, state["config"], fixed=("game", "model", "width", "depth", "past_actions", "positional"))
+        for name in ("context", "event_context", "event_depth"):   # runs from before these options saw the world model's frames
+            state["config"].setdefault(name, 0)
+        cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
+                                                                 "width", "depth", "past_actions", "positional"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -181,14 +209,26 @@ def main(argv=None) -> None:
     train_files = gd.split_episodes(data_dir, "train", cfg.val_percent)
     val_files = gd.split_episodes(data_dir, "val", cfg.val_percent)
     pairs = load_pairs(data_dir, train_files + val_files, wm_path)
-    k = wm.context
+    a2l_context = (cfg.context or wm.context) if cfg.model == "v2" else wm.context
+    if a2l_context < 1 or cfg.event_context < 0:
+        raise UserError(f"--context must be >= 1 (or 0 for the world model's) and --event_context >= 0, "
+                        f"got {cfg.context} and {cfg.event_context}")
     past_actions = cfg.past_actions if cfg.model == "v2" else 0
+    a2l = ActionToLatent(cfg.model, len(names), len(palette), a2l_context, wm.num_tokens, wm.codebook_size, cfg.width,
+                         cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
+                         num_events=wm.num_events, event_context=cfg.event_context, event_width=cfg.event_width,
+                         event_depth=cfg.event_depth).to(device)
+    if cfg.init_from and state is None:
+        start_from(a2l, cfg.init_from, wm_meta)
+    if cfg.events_only:
+        if not (cfg.init_from and a2l.num_events):
+            raise UserError("--events_only trains the event head of an --init_from model, for a world model with events")
+        for name, p in a2l.named_parameters():
+            p.requires_grad_(name.startswith("event_"))
+    k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
     train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, past_actions), pairs)
     val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, past_actions), pairs)
-    a2l = ActionToLatent(cfg.model, len(names), len(palette), k, wm.num_tokens, wm.codebook_size, cfg.width,
-                         cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
-                         num_events=wm.num_events).to(device)
-    opt = torch.optim.AdamW(a2l.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([p for p in a2l.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
     if state is not None:
@@ -220,7 +260,7 @@ def main(argv=None) -> None:
             for items in loader:
                 ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
                 logits, event_logits = a2l.forward_events(act, ctx if cfg.model == "v2" else None, items["past_actions"].to(device))
-                loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+                loss = 0 if cfg.events_only else F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 if event_logits is not None:   # the world model's events, read off the real frames
                     events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
                     loss = loss + F.cross_entropy(event_logits, events)

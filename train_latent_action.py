@@ -175,6 +175,9 @@ def make_prior(cfg, palette: Palette, world_meta: dict | None) -> ActionToLatent
         prior, _ = load_action_to_latent(cfg.prior_from, world_meta)
         if prior.version != "v2":
             raise UserError(f"--prior_from {cfg.prior_from} is a {prior.version} model; the prior needs v2 (frames)")
+        if prior.frames_seen > cfg.context:
+            raise UserError(f"--prior_from {cfg.prior_from} sees {prior.frames_seen} frames; the world model's batches "
+                            f"hold {cfg.context} (train one with --context {cfg.context})")
         return prior.train()
     return ActionToLatent("v2", len(atari_env.action_names(cfg.game)), len(palette), cfg.context, cfg.num_tokens,
                           cfg.codebook_size, cfg.prior_width, 2, past_actions=cfg.prior_past_actions, positional=True)

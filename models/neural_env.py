@@ -40,7 +40,8 @@ class NeuralAtariEnv(gym.Env):
         self.a2l, self.a2l_meta = load_action_to_latent(ckpt / "action_to_latent.safetensors", self.wm_meta, self.device)
         self.temperature = self.a2l_meta.get("temperature", 0.0) if temperature is None else temperature
         self.action_names = self.a2l_meta["action_names"]
-        self.context_length = self.world_model.context
+        # frames kept: the decoder reads the last world_model.context, stage 5 may read more
+        self.context_length = max(self.world_model.context, self.a2l.frames_seen)
         self.max_episode_steps = max_episode_steps
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(0, 255, (H, W, 3), np.uint8)
@@ -70,10 +71,12 @@ class NeuralAtariEnv(gym.Env):
                 raise UserError(f"no {START_FRAMES} beside the weights: pass options={{'frames': ...}}")
             frames = self._start_frames[self.np_random.integers(len(self._start_frames))]
         frames = np.asarray(frames)
-        k = self.context_length
-        if frames.dtype != np.uint8 or frames.shape != (k, H, W, 3):
-            raise UserError(f"reset frames must be uint8 of shape ({k}, {H}, {W}, 3) (most recent last), "
-                            f"got {frames.dtype} {frames.shape}")
+        k, n = self.world_model.context, self.context_length
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (H, W, 3) or len(frames) < k:
+            raise UserError(f"reset frames must be uint8 of shape (n, {H}, {W}, 3), n >= {k} (most recent last; "
+                            f"up to {n} are used), got {frames.dtype} {frames.shape}")
+        # a shorter history starts as recorded episodes do: their first frame repeated before it
+        frames = frames[-n:][np.clip(np.arange(-n, 0) + min(n, len(frames)), 0, None)]
         self._ctx = torch.from_numpy(self.palette.to_index(frames))[None].to(self.device)
         # the actions that led to the last frame, oldest first (a press moves the paddle over two steps):
         # options "past_actions" (a list) or "prev_action" (one int); NOOP before them

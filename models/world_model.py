@@ -186,6 +186,15 @@ class GridNet(nn.Module):
         return x
 
 
+def last_frames(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, k, ...) -> (B, n, ...): the last n frames; with fewer, the oldest is repeated before them, as the
+    recorded episodes are read before their start (gameplay_data.history)."""
+    k = idx.shape[1]
+    if k >= n:
+        return idx[:, k - n:]
+    return torch.cat([idx[:, :1].expand(-1, n - k, *idx.shape[2:]), idx], 1)
+
+
 def spatial_soft_argmax(h: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, 2C): per channel, the softmax-weighted mean (x, y) over the grid, in [-1, 1].
     Mean and max pooling forget *where* a feature fired; this keeps it (Levine et al. 2016's keypoints)."""
@@ -293,8 +302,9 @@ class LatentActionModel(nn.Module):
 
     # --- encoder
     def encoder_output(self, context_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
-        """-> (B, T, D): the encoder's continuous output, before quantisation."""
-        h = self.enc(torch.cat([context_idx, next_idx[:, None]], 1))
+        """-> (B, T, D): the encoder's continuous output, before quantisation. A longer history than
+        `context` frames may be passed (stage 5 can see more): the last `context` are used."""
+        h = self.enc(torch.cat([context_idx[:, -self.context:], next_idx[:, None]], 1))
         pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
         return self.enc_out(torch.cat(pooled, 1)).view(-1, self.num_tokens, self.code_dim)
 
@@ -343,7 +353,7 @@ class LatentActionModel(nn.Module):
         cond = latent.reshape(latent.shape[0], -1)
         if events is not None and self.event_embed is not None:
             cond = cond + self.event_embed(events.to(cond.device).long())
-        h = self.dec(context_idx, cond)
+        h = self.dec(context_idx[:, -self.context:], cond)   # the last `context` of a longer history
         return self.head(h.flatten(2).transpose(1, 2)).unflatten(2, (self.num_colors + 1, CELL * CELL))
 
     def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
@@ -398,11 +408,13 @@ class ActionToLatent(nn.Module):
     frames up to t cannot show it; a FIRE that serves shows on screen only some steps later. With
     `positional`, the frame encoder knows where each grid cell is and is also pooled by where its
     features fire (as the world model's encoder is), so it can tell "paddle at the wall" or "ball about to
-    reach the bricks" from anywhere else."""
+    reach the bricks" from anywhere else. It reads the last `context` frames it is given (fewer: the oldest
+    repeated), its event head the last `event_context` (frames_seen: the longer of the two)."""
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
                  codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
-                 past_actions: int | None = None, positional: bool = False, num_events: int = 0):
+                 past_actions: int | None = None, positional: bool = False, num_events: int = 0,
+                 event_context: int = 0, event_width: int = 16, event_depth: int = 0):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
@@ -411,7 +423,11 @@ class ActionToLatent(nn.Module):
                             embed_dim=embed_dim, past_actions=past_actions, positional=positional)
         if num_events:   # only when used, so weights from before events keep their metadata
             self.hparams["num_events"] = num_events
+        self.event_context = event_context if num_events and version == "v2" else 0
+        if self.event_context:
+            self.hparams.update(event_context=event_context, event_width=event_width, event_depth=event_depth)
         self.version, self.num_tokens, self.codebook_size = version, num_tokens, codebook_size
+        self.context = context if version == "v2" else 0
         self.num_actions, self.past_actions, self.positional = num_actions, past_actions, positional
         self.action_embed = nn.Embedding(num_actions, 64)
         # one embedding per (how many steps back, action), summed; row a is a_t-1 = a (as before)
@@ -426,7 +442,12 @@ class ActionToLatent(nn.Module):
         # the world model's events (a serve and its place): whether one happens follows from the keys and
         # frames (FIRE with no ball in play), where it happens does not, so play samples the place
         self.num_events = num_events
-        self.event_out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
+        # Breakout serves on FIRE only once ~7 steps have passed since the ball was lost: the event head also
+        # reads `event_context` frames, each through one small shared projection pooled to "what, and
+        # where" (a narrow path: feeding 8 frames to the code trunk instead overfitted, README stage 5)
+        self.event_frames = GridNet(num_colors, 1, event_width, event_depth, 2, positional=True) if self.event_context else None
+        ev_dim = in_dim + 3 * event_width * self.event_context
+        self.event_out = nn.Sequential(nn.Linear(ev_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
                 past_actions: torch.Tensor | None = None) -> torch.Tensor:
@@ -439,7 +460,24 @@ class ActionToLatent(nn.Module):
         """-> (code logits, event logits (B, num_events) or None), from one pass over the frames."""
         f = self.features(action, context_idx, past_actions)
         codes = self.out(f).view(-1, self.num_tokens, self.codebook_size)
-        return codes, (self.event_out(f) if self.event_out is not None else None)
+        if self.event_out is None:
+            return codes, None
+        if self.event_frames is not None:
+            f = torch.cat([f, self.event_history(context_idx)], 1)
+        return codes, self.event_out(f)
+
+    @property
+    def frames_seen(self) -> int:
+        """How many recent frames the model reads (its callers keep at least this history)."""
+        return max(self.context, self.event_context)
+
+    def event_history(self, context_idx: torch.Tensor) -> torch.Tensor:
+        """(B, k, 210, 160) -> (B, event_context * 3 * event_width): per frame, where each feature fires
+        most and how strongly (max and soft-argmax pooling of one shared projection)."""
+        x = last_frames(context_idx, self.event_context)
+        B, n = x.shape[:2]
+        h = self.event_frames(x.reshape(B * n, 1, *x.shape[2:]))
+        return torch.cat([h.amax((2, 3)), spatial_soft_argmax(h)], 1).view(B, -1)
 
     def features(self, action, context_idx=None, past_actions=None) -> torch.Tensor:
         a = self.action_embed(action.long())
@@ -448,7 +486,7 @@ class ActionToLatent(nn.Module):
             lag = torch.arange(self.past_actions, 0, -1, device=past.device) - 1   # 0 = a_t-1
             a = a + self.prev_action_embed(lag * self.num_actions + past).sum(1)
         if self.frames is not None:
-            h = self.frames(context_idx, a)
+            h = self.frames(last_frames(context_idx, self.context), a)
             pooled = [h.mean((2, 3)), h.amax((2, 3))] + ([spatial_soft_argmax(h)] if self.positional else [])
             a = torch.cat([a] + pooled, 1)
         return a
@@ -542,9 +580,10 @@ def load_action_to_latent(path, world_meta: dict, device="cpu"):
     hp, wm = meta["hparams"], world_meta["hparams"]
     if meta.get("game") != world_meta.get("game"):
         raise UserError(f"{path} is for {meta.get('game')!r}, the world model for {world_meta.get('game')!r}")
-    if (hp["num_tokens"], hp["codebook_size"], hp["context"]) != (wm["num_tokens"], wm["codebook_size"], wm["context"]):
-        raise UserError(f"{path} predicts {hp['num_tokens']}x{hp['codebook_size']} latents from {hp['context']} frames; "
-                        f"the world model uses {wm['num_tokens']}x{wm['codebook_size']} from {wm['context']}")
+    # the frames seen may differ (stage 5 may see more than the decoder: callers pass the longer history)
+    if (hp["num_tokens"], hp["codebook_size"]) != (wm["num_tokens"], wm["codebook_size"]):
+        raise UserError(f"{path} predicts {hp['num_tokens']}x{hp['codebook_size']} latents; "
+                        f"the world model uses {wm['num_tokens']}x{wm['codebook_size']}")
     if hp.get("num_events", 0) and hp["num_events"] != len(wm.get("event_places", [])) + 1:
         raise UserError(f"{path} predicts {hp['num_events']} events; the world model has "
                         f"{len(wm.get('event_places', [])) + 1 if wm.get('event_places') else 'none'}")

@@ -89,3 +89,21 @@ def test_weights_saved_with_the_older_prev_action_flag_still_load():
     old = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, prev_action=True)
     assert old.past_actions == 1 and old.hparams["past_actions"] == 1 and "prev_action" not in old.hparams
     assert ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1).past_actions == 0
+
+
+def test_v2_reads_its_last_context_frames_and_repeats_the_oldest_when_given_fewer():
+    """Stage 5 may see more frames than the decoder (--context): it reads the last `context` it is given."""
+    torch.manual_seed(0)
+    a2l = ActionToLatent("v2", 4, 6, context=3, num_tokens=1, codebook_size=4, width=8, depth=1, past_actions=0,
+                         positional=True).eval()
+    act = torch.tensor([1, 2])
+    idx = torch.randint(0, 6, (2, 5, 210, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        out = a2l(act, idx)
+        assert torch.equal(out, a2l(act, idx[:, -3:]))              # frames older than its context are not read
+        changed = idx.clone()
+        changed[:, -3] = (changed[:, -3] + 1) % 6
+        assert not torch.allclose(a2l(act, changed), out)           # the oldest of its three is
+        short = idx[:, -2:]
+        assert torch.equal(a2l(act, short), a2l(act, torch.cat([short[:, :1], short], 1)))
+    assert gd.history(np.arange(5), 1, 4).tolist() == [0, 0, 0, 1]   # recorded episodes are read the same way

@@ -55,3 +55,30 @@ def test_life_tracker_fires_after_a_lost_life_and_reports_true_score():
     assert tr.override(np.array([3, 3])).tolist() == [1, 3]
     lost, done = tr.update(np.array([4, 0]), np.array([0.0, 7.0]), np.array([False, True]))
     assert done == [(1, 8.0, 3)] and not lost.any()
+
+
+def test_breakout_serves_on_fire_only_some_steps_after_the_ball_is_lost():
+    """The game fact behind stage 5's 8 frames (README stage 5, session 16): after a lost ball FIRE is
+    ignored for a few steps, then serves at once; two frames cannot tell the two apart."""
+    import metrics
+    env = atari_env.make_world_model_env("breakout")
+    env.reset(seed=0)
+    env.step(1)
+    seen = False
+    for _ in range(400):                          # NOOP: the ball is served, falls past the paddle and is lost
+        in_play = metrics.ball_position(env.step(0)[0]) is not None
+        if in_play:
+            seen = True
+        elif seen:
+            break
+    assert seen and not in_play
+    ale = env.unwrapped.ale
+    lost = ale.cloneState()
+    served = []
+    for wait in range(14):                        # NOOPs after the first frame without the ball, then one FIRE
+        ale.restoreState(lost)
+        for _ in range(wait):
+            env.step(0)
+        served.append(metrics.ball_position(env.step(1)[0]) is not None)
+    assert not any(served[:4]) and all(served[10:])
+    assert served == sorted(served)               # once FIRE serves, it always does

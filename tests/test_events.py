@@ -79,6 +79,24 @@ def test_event_sampling_follows_the_odds_and_ignores_unlikely_events():
     assert torch.equal(codes, a2l.sample(act))
 
 
+def test_event_head_reads_a_longer_history_than_the_code_head():
+    """The serve waits ~7 steps after a lost ball (tests/test_envs.py): the event head reads `event_context`
+    frames, the code head its own `context`; older frames reach neither."""
+    torch.manual_seed(0)
+    a2l = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, past_actions=0, positional=True, num_events=3,
+                         event_context=5, event_width=4).eval()
+    assert a2l.frames_seen == 5
+    act = torch.tensor([1, 1])
+    idx = torch.randint(0, 6, (2, 7, 210, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        codes, events = a2l.forward_events(act, idx)
+        for t, code_reads, event_reads in ((-1, True, True), (-3, False, True), (-5, False, True), (-6, False, False)):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 6
+            c, e = a2l.forward_events(act, changed)
+            assert (not torch.equal(c, codes)) == code_reads and (not torch.equal(e, events)) == event_reads, t
+
+
 def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     """Fine-tune a tiny world model with --events, collect, train stage 5 with them, step the neural env."""
     import shutil
@@ -104,14 +122,27 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
                "--threads", 1)
     run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
                "--out-dir", wm_dir, "--steps", 6, "--val-every", 6, "--width", 8, "--depth", 1, "--batch-size", 8,
-               "--val-samples", 64, "--threads", 1, "--wandb", "disabled")
+               "--val-samples", 64, "--threads", 1, "--wandb", "disabled", "--event-context", 8, "--event-width", 4)
     a2l, a2l_meta = load_action_to_latent(wm_dir / "action_to_latent.safetensors", meta)
-    assert a2l.num_events == wm.num_events
+    assert a2l.num_events == wm.num_events and (a2l.context, a2l.event_context) == (2, 8)
     with pytest.raises(UserError, match="events"):   # an event head for another world model is refused
         load_action_to_latent(wm_dir / "action_to_latent.safetensors",
                               {**meta, "hparams": {**meta["hparams"], "event_places": [[124, 76]]}})
+    # a new event head on that model's code trunk, trained alone: the codes do not move
+    run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
+               "--out-dir", tmp_path / "head", "--steps", 2, "--val-every", 2, "--width", 8, "--depth", 1,
+               "--batch-size", 8, "--val-samples", 16, "--threads", 1, "--wandb", "disabled", "--event-context", 4,
+               "--init-from", wm_dir / "action_to_latent.safetensors", "--events-only")
+    head, _ = load_action_to_latent(tmp_path / "head" / "action_to_latent.safetensors", meta)
+    trunk = {k: v for k, v in a2l.state_dict().items() if not k.startswith("event_")}
+    assert head.event_context == 4 and all(torch.equal(v, head.state_dict()[k]) for k, v in trunk.items())
+    bad = run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
+                     "--out-dir", tmp_path / "head", "--steps", 2, "--width", 16, "--wandb", "disabled",
+                     "--init-from", wm_dir / "action_to_latent.safetensors", "--events-only", check=False)
+    assert bad.returncode == 2 and "does not fit" in bad.stderr.strip().splitlines()[-1]
     import atari_env
     env = atari_env.make_neural_env("breakout", wm_dir, "cpu")
+    assert env.unwrapped.context_length == 8                  # the event head's history is kept
     env.reset(seed=0)
     _, _, _, _, info = env.step(1)
     assert 0 <= info["event"] < wm.num_events

@@ -14,14 +14,21 @@ def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
     env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
     check_env(env, skip_render_check=True)
     obs, _ = env.reset(seed=0)
-    assert obs.shape == (210, 160, 3) and obs.dtype == np.uint8 and env.unwrapped.context_length == 2
+    assert obs.shape == (210, 160, 3) and obs.dtype == np.uint8
+    inner = env.unwrapped
+    # the history kept is the longer of the decoder's context and what stage 5 reads
+    assert inner.context_length == max(inner.world_model.context, inner.a2l.frames_seen) == 2
+    inner.context_length = 8                                  # as with an event head reading 8 frames
     frames = np.zeros((2, 210, 160, 3), np.uint8)
     frames[-1, 0, 0] = (142, 142, 142)
     obs, _ = env.reset(options={"frames": frames})
     assert np.array_equal(obs, frames[-1])
+    kept = inner.palette.to_rgb(inner._ctx[0].numpy())      # two frames given: the older one repeated before them
+    assert len(kept) == 8 and all(np.array_equal(f, frames[0]) for f in kept[:7]) and np.array_equal(kept[7], frames[1])
     nxt, reward, term, trunc, info = env.step(2)
     assert nxt.shape == (210, 160, 3) and "latent" in info
-    with pytest.raises(UserError, match=r"\(2, 210, 160, 3\)"):
+    assert np.array_equal(inner.palette.to_rgb(inner._ctx[0, -2].numpy()), frames[1])   # the history rolls on
+    with pytest.raises(UserError, match=r"\(n, 210, 160, 3\), n >= 2"):
         env.reset(options={"frames": np.zeros((210, 160, 3), np.uint8)})
     with pytest.raises(UserError, match="NOOP, FIRE, RIGHT, LEFT"):
         env.step(9)
