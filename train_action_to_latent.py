@@ -150,9 +150,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
 def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
     """Load --init_from's weights into `a2l`: every tensor of the code trunk must fit; event-head tensors
     that do not (a new event head) start fresh."""
-    from models.world_model import read_weights
-    tensors, _ = read_weights(path, "action_to_latent")
-    load_action_to_latent(path, wm_meta)   # the same game and latent shape, or a clear error
+    tensors = load_action_to_latent(path, wm_meta)[0].state_dict()   # the same game and latent shape, or a clear error
     own = a2l.state_dict()
     fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in fits and not k.startswith("event_")]
