@@ -19,6 +19,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+import gameplay_data as gd
 from common import UserError, pick_device
 from models.world_model import H, W, load_action_to_latent, load_world_model
 
@@ -75,8 +76,7 @@ class NeuralAtariEnv(gym.Env):
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (H, W, 3) or len(frames) < k:
             raise UserError(f"reset frames must be uint8 of shape (n, {H}, {W}, 3), n >= {k} (most recent last; "
                             f"up to {n} are used), got {frames.dtype} {frames.shape}")
-        # a shorter history starts as recorded episodes do: their first frame repeated before it
-        frames = frames[-n:][np.clip(np.arange(-n, 0) + min(n, len(frames)), 0, None)]
+        frames = gd.history(frames, len(frames) - 1, n)   # a shorter history starts as recorded episodes do
         self._ctx = torch.from_numpy(self.palette.to_index(frames))[None].to(self.device)
         # the actions that led to the last frame, oldest first (a press moves the paddle over two steps):
         # options "past_actions" (a list) or "prev_action" (one int); NOOP before them

@@ -443,7 +443,7 @@ class ActionToLatent(nn.Module):
         # frames (FIRE with no ball in play), where it happens does not, so play samples the place
         self.num_events = num_events
         # Breakout serves on FIRE only once ~7 steps have passed since the ball was lost: the event head also
-        # reads `event_context` frames, each through one small shared projection pooled to "what, and
+        # reads `event_context` frames, each through one small shared encoder pooled to "what, and
         # where" (a narrow path: feeding 8 frames to the code trunk instead overfitted, README stage 5)
         self.event_frames = GridNet(num_colors, 1, event_width, event_depth, 2, positional=True) if self.event_context else None
         ev_dim = in_dim + 3 * event_width * self.event_context
