@@ -151,11 +151,18 @@ class EpisodeGroupSampler(Sampler):
     """Shuffles episodes, takes them `group` at a time, and shuffles the windows inside each group:
     near-uniform mixing while each episode is decoded once per pass (group <= the dataset's cache)."""
 
-    def __init__(self, dataset: GameplayWindows, group: int = 8, seed: int = 0):
+    def __init__(self, dataset: GameplayWindows, group: int = 8, seed: int = 0, focus=None, focus_fraction: float = 0.0):
+        """With `focus` (decoded episode -> (T,) bool over its transitions) and `focus_fraction` f, about a
+        fraction f of the windows are drawn again (with replacement) from the focused transitions of the
+        same group: a rare case seen more often. The focus is chosen by the input (the frames and keys),
+        not by the label, so what a model learns to predict given the input stays calibrated."""
+        if not 0 <= focus_fraction < 1:
+            raise ValueError(f"focus_fraction must be in [0, 1), got {focus_fraction}")
         self.ds, self.group, self.seed, self.epoch = dataset, group, seed, 0
+        self.focus, self.focus_fraction = focus, focus_fraction if focus is not None else 0.0
 
-    def __len__(self) -> int:
-        return len(self.ds)
+    def __len__(self) -> int:   # about: the focused draws are rounded per group
+        return round(len(self.ds) / (1 - self.focus_fraction))
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + self.epoch)
@@ -163,7 +170,13 @@ class EpisodeGroupSampler(Sampler):
         starts = np.cumsum([0] + self.ds.lengths)
         order = rng.permutation(len(self.ds.files))
         for g in range(0, len(order), self.group):
-            idx = np.concatenate([np.arange(starts[e], starts[e + 1]) for e in order[g:g + self.group]])
+            group = order[g:g + self.group]
+            idx = np.concatenate([np.arange(starts[e], starts[e + 1]) for e in group])
+            if self.focus_fraction:   # decodes the group now (into the dataset's cache, read from there next)
+                hits = np.concatenate([starts[e] + np.flatnonzero(self.focus(self.ds.episode(e))) for e in group])
+                if len(hits):
+                    extra = round(len(idx) * self.focus_fraction / (1 - self.focus_fraction))
+                    idx = np.concatenate([idx, rng.choice(hits, extra)])
             yield from rng.permutation(idx).tolist()
 
 

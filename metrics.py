@@ -97,6 +97,20 @@ def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
     return float(pts[:, 0].min() + BALL_ROWS.start), float(pts[:, 1].min() + PLAY_COLS.start)
 
 
+def ball_pixels(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
+    """(..., 210, 160) palette indices -> (..., 210, 160) bool: the pixels ball_position reads as the ball
+    (red, in the rows and columns below the bricks), without the RGB frames: cheap for every frame of a batch."""
+    is_red = torch.as_tensor(_red(np.asarray(colors)), device=frames_idx.device)
+    out = torch.zeros(frames_idx.shape, dtype=torch.bool, device=frames_idx.device)
+    out[..., BALL_ROWS, PLAY_COLS] = is_red[frames_idx[..., BALL_ROWS, PLAY_COLS].long()]
+    return out
+
+
+def ball_visible(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
+    """(..., 210, 160) palette indices -> (...) bool: ball_position(frame) is not None."""
+    return ball_pixels(frames_idx, colors).flatten(-2).any(-1)
+
+
 SERVE_ROWS = (110, 130)
 
 

@@ -27,7 +27,7 @@ import metrics as wm_metrics
 from collect_action_latent_pairs import load_pairs
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json)
-from models.world_model import ActionToLatent, load_action_to_latent, load_world_model, save_weights
+from models.world_model import ActionToLatent, cells_any, last_frames, load_action_to_latent, load_world_model, save_weights
 
 PRESETS = {"quick": dict(steps=800, batch_size=64), "full": dict(steps=20000, batch_size=256, width=64)}
 
@@ -44,10 +44,16 @@ class Config:
     context: int = arg(0, "frames v2's code trunk sees, t-n+1..t (0: the world model's; 8 did worse on held-out episodes, README stage 5)")
     event_context: int = arg(0, "frames the event head also reads through its own encoder (0: none; world models with "
                                 "events): Breakout serves on FIRE only ~7 steps after a lost ball, which two frames "
-                                "cannot show; 8 did not learn it yet (README stage 5, session 16)")
+                                "cannot show; the shipped head: 8, trained alone with --events_only --event_focus 0.25 "
+                                "(README stage 5, session 17)")
     event_width: int = arg(16, "channels of the event head's per-frame encoder")
-    event_depth: int = arg(1, "residual blocks of the event head's per-frame encoder (0, a projection only, cannot "
-                              "single out the ball from the bricks: README stage 5)")
+    event_depth: int = arg(1, "residual blocks of the event head's per-frame encoder (0, a projection only, did not "
+                              "find the ball in session 16, before its dense ball target: README stage 5)")
+    event_ball_weight: float = arg(1.0, "weight of the event head's 'ball in this grid cell' loss (the object detector's ball "
+                                        "pixels in each frame it reads; 0: none)")
+    event_ball_pos_weight: float = arg(100.0, "weight of a ball cell against an empty one in that loss (~1 cell in 540)")
+    event_focus: float = arg(0.0, "fraction of each batch drawn again from FIRE presses with no ball on screen (the "
+                                  "only transitions where a serve can follow; chosen by input, so the odds stay calibrated)")
     init_from: str = arg("", "start from these action_to_latent.safetensors (same world model and code trunk)")
     events_only: bool = arg(False, "train only the event head (codes stay those of --init_from)")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
@@ -100,6 +106,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy")}
     generator = torch.Generator().manual_seed(cfg.seed)   # the event's place is sampled (as at play time)
     events_seen = np.zeros(4, dtype=np.int64)   # real events, of them fired, of them at the right place; false alarms
+    ball_ok = ball_n = 0   # the event head's per-frame "ball on screen" vs the object detector
     for b in range(0, len(pick), 128):
         items = [val[i] for i in pick[b:b + 128]]
         ctx = torch.stack([it["context"] for it in items]).to(device)
@@ -113,6 +120,12 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
             happened, fired = true_events > 0, pred_events > 0
             events_seen += [happened.sum().item(), (happened & fired).sum().item(),
                             (happened & (pred_events == true_events)).sum().item(), (~happened & fired).sum().item()]
+        if a2l.event_context:
+            ball_cells = a2l.forward_events(act, ctx, past, ball=True)[2]   # a frame's ball: its most confident cell
+            seen = wm_metrics.ball_visible(last_frames(ctx, a2l.event_context), palette.colors)
+            # pos_weight w scales a ball cell's odds by w: its logit - log w is the plain one
+            ball_ok += ((ball_cells.flatten(2).amax(2) > np.log(cfg.event_ball_pos_weight)) == seen).sum().item()
+            ball_n += seen.numel()
         np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
         ok_tok = (pred == true)
         ok = ok_tok.all(1)
@@ -141,6 +154,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     if a2l.num_events and events_seen[0]:
         res.update(event_recall=events_seen[1] / events_seen[0], event_place_acc=events_seen[2] / events_seen[0],
                    event_false_alarm=events_seen[3] / max(1, n - events_seen[0]), val_events=int(events_seen[0]))
+    if ball_n:
+        res["event_ball_acc"] = ball_ok / ball_n
     for a, name in enumerate(names):
         if per_action[a, 1]:
             res[f"latent_acc_{name}"] = per_action[a, 0] / per_action[a, 1]
@@ -159,6 +174,13 @@ def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
                         "give the same --width, --depth, --past_actions, --context")
     a2l.load_state_dict(fits, strict=False)
     print(f"started from {path}: {len(fits)} tensors, {len(own) - len(fits)} new (event head)")
+
+
+def train_only_event_head(a2l: ActionToLatent) -> None:
+    """--events_only: freeze all but the event head. Its fixed colour codes (FrameEmbed) stay fixed: their
+    backward over 8 frames a window cost 1.5 s a step (session 16's head-only runs paid it)."""
+    for name, p in a2l.named_parameters():
+        p.requires_grad_(p.requires_grad and name.startswith("event_"))
 
 
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
@@ -193,8 +215,10 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "action_to_latent_train")
-        for name in ("context", "event_context", "event_depth"):   # runs from before these options saw the world model's frames
+        for name in ("context", "event_context", "event_depth", "event_focus"):   # runs from before these options
             state["config"].setdefault(name, 0)
+        state["config"].setdefault("event_ball_weight", 0.0)
+        state["config"].setdefault("event_ball_pos_weight", 100.0)
         cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
                                                                  "width", "depth", "past_actions", "positional"))
     torch.set_num_threads(cfg.threads)
@@ -211,6 +235,9 @@ def main(argv=None) -> None:
     if a2l_context < 1 or cfg.event_context < 0:
         raise UserError(f"--context must be >= 1 (or 0 for the world model's) and --event_context >= 0, "
                         f"got {cfg.context} and {cfg.event_context}")
+    if not 0 <= cfg.event_focus < 1 or cfg.event_ball_weight < 0 or cfg.event_ball_pos_weight <= 0:
+        raise UserError(f"--event_focus must be in [0, 1), --event_ball_weight >= 0 and --event_ball_pos_weight > 0, "
+                        f"got {cfg.event_focus}, {cfg.event_ball_weight} and {cfg.event_ball_pos_weight}")
     past_actions = cfg.past_actions if cfg.model == "v2" else 0
     a2l = ActionToLatent(cfg.model, len(names), len(palette), a2l_context, wm.num_tokens, wm.codebook_size, cfg.width,
                          cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
@@ -221,8 +248,7 @@ def main(argv=None) -> None:
     if cfg.events_only:
         if not (cfg.init_from and a2l.num_events):
             raise UserError("--events_only trains the event head of an --init_from model, for a world model with events")
-        for name, p in a2l.named_parameters():
-            p.requires_grad_(name.startswith("event_"))
+        train_only_event_head(a2l)
     k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
     train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, past_actions), pairs)
     val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, past_actions), pairs)
@@ -237,7 +263,15 @@ def main(argv=None) -> None:
         sched.load_state_dict(state["sched"])
         step, last_val = state["step"], json.loads(state["last_val"])
         print(f"resumed at step {step}")
-    sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
+    fire = names.index("FIRE") if "FIRE" in names else -1
+
+    def fire_without_ball(ep: dict) -> np.ndarray:   # transitions t where FIRE may serve: FIRE, no ball at t
+        frames = torch.from_numpy(ep["frames"][:-1])
+        return (ep["actions"] == fire) & ~wm_metrics.ball_visible(frames, palette.colors).numpy()
+
+    focus = fire_without_ball if cfg.event_focus and a2l.num_events else None
+    sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
+                                     focus_fraction=cfg.event_focus)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
     logger = MetricLogger(out_dir / "train" / "action_to_latent", f"neural-atari-action-to-latent-{cfg.game}",
                           dataclasses.asdict(cfg), mode=cfg.wandb, resume=cfg.resume)
@@ -257,11 +291,16 @@ def main(argv=None) -> None:
         while step < cfg.steps:
             for items in loader:
                 ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
-                logits, event_logits = a2l.forward_events(act, ctx if cfg.model == "v2" else None, items["past_actions"].to(device))
+                logits, event_logits, ball_cells = a2l.forward_events(act, ctx if cfg.model == "v2" else None,
+                                                                      items["past_actions"].to(device), ball=True)
                 loss = 0 if cfg.events_only else F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 if event_logits is not None:   # the world model's events, read off the real frames
                     events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
                     loss = loss + F.cross_entropy(event_logits, events)
+                if ball_cells is not None and cfg.event_ball_weight:   # where the ball is in each frame the event head reads
+                    seen = cells_any(wm_metrics.ball_pixels(last_frames(ctx, a2l.event_context), palette.colors))
+                    loss = loss + cfg.event_ball_weight * F.binary_cross_entropy_with_logits(
+                        ball_cells, seen, pos_weight=torch.tensor(cfg.event_ball_pos_weight, device=device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,6 +1,7 @@
 """Play-chain speed at batch 1: action -> latent -> decoder -> uint8 frame, through make_neural_env.
 
     python benchmarks/play_speed.py                 # shipped Breakout weights, CPU, 1 and 2 threads
+    python benchmarks/play_speed.py breakout <dir>  # the weights in another checkpoint folder
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def measure(env, fn, seconds: float = 5.0) -> float:
 
 if __name__ == "__main__":
     game = sys.argv[1] if len(sys.argv) > 1 else "breakout"
-    env = atari_env.make_neural_env(game, device="cpu")
+    env = atari_env.make_neural_env(game, sys.argv[2] if len(sys.argv) > 2 else None, device="cpu")
     rng = np.random.default_rng(0)
     env.reset(seed=0)
     ctx = env._ctx

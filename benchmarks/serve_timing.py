@@ -1,11 +1,13 @@
 """When the dream serves: FIRE held after a lost ball, in the dream and in the real game (Breakout).
 
-    python benchmarks/serve_timing.py [checkpoints/breakout] [--losses 60] [--presses 20] [--random_steps 300]
+    python benchmarks/serve_timing.py [checkpoints/breakout] [--losses 60] [--presses 20] [--random_steps 300] [--odds_episodes 30]
 
 From held-out moments where the ball has just been lost (it left past the paddle and the next ball is a
 serve), the dream starts from the real frames and keys and the real emulator from the same state
 (rebuilt from the recording); both then hold FIRE. The game ignores FIRE for some steps after a loss,
-then serves at once (tests/test_envs.py); the recorded presses are counted first. Reported: the presses each needed, how often the dream served
+then serves at once (tests/test_envs.py); the recorded presses are counted first, then the action->latent model's odds of an event on every recorded
+transition of the first --odds_episodes held-out episodes (at the serves, at FIRE presses without a ball
+that the game ignored, and the events expected where a ball is on screen). Reported: the presses each needed, how often the dream served
 on the same press as the game (or within one), how often not within --presses. Then random keys from
 the start frames shipped with the weights (4 runs of --random_steps): the events the dream fired, and
 those with a ball already on screen (a second ball), per 1,000 steps. README stage 5.
@@ -24,6 +26,7 @@ import atari_env  # noqa: E402
 import gameplay_data as gd  # noqa: E402
 import metrics  # noqa: E402
 from evaluate_world_model import EmulatorReplay  # noqa: E402
+from models.world_model import EVENT_FLOOR  # noqa: E402
 
 FIRE = 1
 
@@ -62,6 +65,29 @@ def fire_without_ball(files, longest: int = 10) -> dict[int, list[int]]:
     return table
 
 
+@torch.no_grad()
+def event_odds(env, files) -> dict[str, np.ndarray]:
+    """p(some event) from the action->latent model at every recorded transition, by kind: "serve" (the
+    game served), "fire_no_ball" (FIRE with no ball on screen, not served), "ball" (a ball on screen)."""
+    a2l, k = env.a2l, env.context_length
+    odds, kinds = [], []
+    for f in files:
+        ep = gd.load_episode(f, keys=("frames", "actions"))
+        frames, actions = ep["frames"], ep["actions"]
+        idx = env.palette.to_index(frames)
+        serves = set(metrics.serve_steps(frames))
+        for b in range(0, len(actions), 256):
+            ts = range(b, min(b + 256, len(actions)))
+            ctx = torch.from_numpy(np.stack([gd.history(idx, t, k) for t in ts])).to(env.device)
+            past = torch.from_numpy(np.stack([gd.past_actions(actions, t, a2l.past_actions) for t in ts])).to(env.device)
+            events = a2l.forward_events(torch.as_tensor(actions[b:b + len(ts)], device=env.device), ctx, past)[1]
+            odds += (1 - events.float().softmax(-1)[:, 0]).cpu().tolist()
+            kinds += ["serve" if t in serves else "ball" if metrics.ball_position(frames[t]) is not None
+                      else "fire_no_ball" if actions[t] == FIRE else "other" for t in ts]
+    odds, kinds = np.array(odds), np.array(kinds)
+    return {kind: odds[kinds == kind] for kind in ("serve", "fire_no_ball", "ball")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint_dir", nargs="?", default="checkpoints/breakout")
@@ -69,6 +95,7 @@ def main() -> None:
     p.add_argument("--losses", type=int, default=60, help="held-out lost balls to start from")
     p.add_argument("--presses", type=int, default=20, help="FIRE presses before giving up")
     p.add_argument("--random_steps", type=int, default=300, help="steps per random-key run (4 runs)")
+    p.add_argument("--odds_episodes", type=int, default=30, help="held-out episodes whose event odds are read")
     args = p.parse_args()
     torch.set_num_threads(2)
     files = gd.split_episodes(args.data_dir, "val")
@@ -78,6 +105,14 @@ def main() -> None:
     print("  " + ", ".join(f"{j}{'+' if j == max(table) else ''}: {s} / {n}" for j, (s, n) in table.items()))
     env = atari_env.make_neural_env("breakout", args.checkpoint_dir, "cpu")
     k, n_past = env.context_length, env.a2l.past_actions
+    if env.a2l.num_events:
+        odds = event_odds(env, files[: args.odds_episodes])
+        print(f"event odds on every transition of {min(args.odds_episodes, len(files))} held-out episodes (p of some event;"
+              f" play draws one where p >= {EVENT_FLOOR}):")
+        for kind, p_ in odds.items():
+            print(f"  {kind}: {len(p_)} transitions, p at 10/50/90 %: "
+                  + " / ".join(f"{q:.3f}" for q in np.percentile(p_, [10, 50, 90]))
+                  + f", events expected {np.where(p_ >= EVENT_FLOOR, p_, 0).sum():.1f}")
     real_n, dream_n, mismatched = [], [], 0
     for f in files:
         if len(real_n) >= args.losses:

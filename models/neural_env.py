@@ -21,7 +21,7 @@ import torch
 
 import gameplay_data as gd
 from common import UserError, pick_device
-from models.world_model import H, W, load_action_to_latent, load_world_model
+from models.world_model import H, W, last_frames, load_action_to_latent, load_world_model
 
 START_FRAMES = "start_frames.safetensors"
 
@@ -50,6 +50,7 @@ class NeuralAtariEnv(gym.Env):
         self._colors = torch.as_tensor(self.palette.colors, device=self.device)
         self._start_frames = self._load_start_frames(ckpt / START_FRAMES)
         self._ctx: torch.Tensor | None = None
+        self._summaries: torch.Tensor | None = None
         self._steps = 0
         self._generator = torch.Generator(device="cpu")
         if compile and self.device.type == "cuda":
@@ -78,6 +79,10 @@ class NeuralAtariEnv(gym.Env):
                             f"up to {n} are used), got {frames.dtype} {frames.shape}")
         frames = gd.history(frames, len(frames) - 1, n)   # a shorter history starts as recorded episodes do
         self._ctx = torch.from_numpy(self.palette.to_index(frames))[None].to(self.device)
+        self._summaries = None   # the event head's reading of each frame, kept so a step encodes only the new one
+        if self.a2l.event_context:
+            with torch.inference_mode():
+                self._summaries = self.a2l.frame_summaries(last_frames(self._ctx, self.a2l.event_context))
         # the actions that led to the last frame, oldest first (a press moves the paddle over two steps):
         # options "past_actions" (a list) or "prev_action" (one int); NOOP before them
         opts = options or {}
@@ -100,10 +105,10 @@ class NeuralAtariEnv(gym.Env):
                                 f"({', '.join(self.action_names)}), got {action!r}")
         with torch.inference_mode():
             act = torch.tensor([int(action)], device=self.device)
-            codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past)
+            codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past,
+                                                summaries=self._summaries)
             self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)
-            nxt = self.world_model.predict_next(self._ctx, codes, event)
-            self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
+            self._push(self.world_model.predict_next(self._ctx, codes, event))
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
         return self._obs(), 0.0, False, truncated, {"step": self._steps, "latent": codes[0].tolist(),
@@ -113,10 +118,15 @@ class NeuralAtariEnv(gym.Env):
         """Advance with explicit latent codes and event (evaluation: random latents, teacher forcing)."""
         with torch.inference_mode():
             c = torch.as_tensor(codes, device=self.device).view(1, -1)
-            nxt = self.world_model.predict_next(self._ctx, c, torch.tensor([int(event)], device=self.device))
-            self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
+            self._push(self.world_model.predict_next(self._ctx, c, torch.tensor([int(event)], device=self.device)))
         self._steps += 1
         return self._obs()
+
+    def _push(self, nxt: torch.Tensor) -> None:
+        """The new frame (1, 210, 160) becomes the last of the history (and of the event head's readings)."""
+        self._ctx = torch.cat([self._ctx[:, 1:], nxt[:, None]], 1)
+        if self._summaries is not None:
+            self._summaries = torch.cat([self._summaries[:, 1:], self.a2l.frame_summaries(nxt[:, None])], 1)
 
     def render(self):
         return self._obs()

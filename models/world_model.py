@@ -13,6 +13,8 @@ Why it looks like this (GUIDE §3-4):
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -124,12 +126,19 @@ class FrameEmbed(nn.Module):
     the index map (cheap on uint8), then a per-pixel colour embedding, so the grid cells see every pixel
     exactly. Channel order (frame, pixel in cell, embedding) = torch's pixel_unshuffle order."""
 
-    def __init__(self, num_colors: int, dim: int):
+    def __init__(self, num_colors: int, dim: int, circle: bool = False):
         super().__init__()
         # A fixed random code per colour: the projection after it is learned anyway, and a trainable
         # embedding's backward over millions of pixel indices cost more than the whole conv stack.
         self.embed = nn.Embedding(num_colors, dim)
         self.embed.weight.requires_grad_(False)
+        if circle:   # evenly spaced on a circle instead: every colour is a corner of their hull, so one linear
+            # step and a threshold single any colour out; random codes can put one inside the others' hull
+            # or on top of another (the event head's red landed 0.28 from black: it never found the ball)
+            angle = torch.arange(num_colors) * 2 * math.pi / num_colors
+            with torch.no_grad():
+                self.embed.weight.zero_()
+                self.embed.weight[:, :2] = 1.5 * torch.stack([angle.cos(), angle.sin()], 1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, k = idx.shape[:2]
@@ -163,9 +172,9 @@ class GridNet(nn.Module):
     serve, at one of a few places chosen by the game)."""
 
     def __init__(self, num_colors: int, frames: int, width: int, depth: int, embed_dim: int, cond_dim: int = 0,
-                 positional: bool = False):
+                 positional: bool = False, circle_codes: bool = False):
         super().__init__()
-        self.embed = FrameEmbed(num_colors, embed_dim)
+        self.embed = FrameEmbed(num_colors, embed_dim, circle_codes)
         self.proj = nn.Conv2d(frames * embed_dim * CELL * CELL, width, 1)
         # channels-last (1, 27, 20, width), added where the projection is channels-last too
         self.pos = nn.Parameter(torch.zeros(1, (H + PAD_H) // CELL, W // CELL, width)) if positional else None
@@ -193,6 +202,12 @@ def last_frames(idx: torch.Tensor, n: int) -> torch.Tensor:
     if k >= n:
         return idx[:, k - n:]
     return torch.cat([idx[:, :1].expand(-1, n - k, *idx.shape[2:]), idx], 1)
+
+
+def cells_any(mask: torch.Tensor) -> torch.Tensor:
+    """(..., 210, 160) bool -> (..., 27, 20) float: 1 where a grid cell holds any marked pixel."""
+    x = F.pad(mask.float().flatten(0, -3)[:, None], (0, 0, 0, PAD_H))
+    return F.max_pool2d(x, CELL)[:, 0].view(*mask.shape[:-2], (H + PAD_H) // CELL, W // CELL)
 
 
 def spatial_soft_argmax(h: torch.Tensor) -> torch.Tensor:
@@ -445,8 +460,14 @@ class ActionToLatent(nn.Module):
         # Breakout serves on FIRE only once ~7 steps have passed since the ball was lost: the event head also
         # reads `event_context` frames, each through one small shared encoder pooled to "what, and
         # where" (a narrow path: feeding 8 frames to the code trunk instead overfitted, README stage 5)
-        self.event_frames = GridNet(num_colors, 1, event_width, event_depth, 2, positional=True) if self.event_context else None
-        ev_dim = in_dim + 3 * event_width * self.event_context
+        self.event_frames = (GridNet(num_colors, 1, event_width, event_depth, 2, positional=True, circle_codes=True)
+                             if self.event_context else None)
+        # per frame and grid cell, "the ball is here": trained on the object detector's ball pixels in
+        # every frame read (train_action_to_latent --event_ball_weight), a dense signal where the serve gives
+        # one a batch; a frame's "ball on screen" is its most confident cell, fed to the event MLP. (Trained
+        # on the frame's answer alone, through a max over cells, it stayed at the prior: README stage 5.)
+        self.event_ball = nn.Conv2d(event_width, 1, 1) if self.event_context else None
+        ev_dim = in_dim + (3 * event_width + 1) * self.event_context
         self.event_out = nn.Sequential(nn.Linear(ev_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
@@ -456,28 +477,51 @@ class ActionToLatent(nn.Module):
         model's history)."""
         return self.out(self.features(action, context_idx, past_actions)).view(-1, self.num_tokens, self.codebook_size)
 
-    def forward_events(self, action, context_idx=None, past_actions=None):
-        """-> (code logits, event logits (B, num_events) or None), from one pass over the frames."""
+    def forward_events(self, action, context_idx=None, past_actions=None, ball: bool = False, summaries=None):
+        """-> (code logits, event logits (B, num_events) or None), from one pass over the frames; with
+        `ball`, also the ball logits per grid cell (B, event_context, 27, 20) of the event head's frames
+        (or None). `summaries`: frame_summaries of the last event_context frames, kept by a caller that
+        steps through time (the neural env), instead of reading them again from `context_idx`."""
         f = self.features(action, context_idx, past_actions)
         codes = self.out(f).view(-1, self.num_tokens, self.codebook_size)
-        if self.event_out is None:
-            return codes, None
-        if self.event_frames is not None:
-            f = torch.cat([f, self.event_history(context_idx)], 1)
-        return codes, self.event_out(f)
+        events = ball_cells = None
+        if self.event_out is not None:
+            if self.event_frames is not None:
+                if summaries is None:
+                    pooled, ball_cells = self.event_history(context_idx)
+                    summaries = self.summarize(pooled, ball_cells)
+                f = torch.cat([f, summaries[..., :-1].flatten(1), summaries[..., -1]], 1)
+            events = self.event_out(f)
+        return (codes, events, ball_cells) if ball else (codes, events)
 
     @property
     def frames_seen(self) -> int:
         """How many recent frames the model reads (its callers keep at least this history)."""
         return max(self.context, self.event_context)
 
-    def event_history(self, context_idx: torch.Tensor) -> torch.Tensor:
-        """(B, k, 210, 160) -> (B, event_context * 3 * event_width): per frame, where each feature fires
-        most and how strongly (max and soft-argmax pooling of one shared projection)."""
-        x = last_frames(context_idx, self.event_context)
-        B, n = x.shape[:2]
-        h = self.event_frames(x.reshape(B * n, 1, *x.shape[2:]))
-        return torch.cat([h.amax((2, 3)), spatial_soft_argmax(h)], 1).view(B, -1)
+    def event_history(self, context_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, k, 210, 160) -> the event head's reading of the last event_context frames (encode_frames)."""
+        return self.encode_frames(last_frames(context_idx, self.event_context))
+
+    def encode_frames(self, frames_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, 210, 160) -> per frame, from one shared per-frame encoder: (B, n, 3 * event_width) where
+        each feature fires most and how strongly (max and soft-argmax pooling), and (B, n, 27, 20) ball
+        logits per grid cell."""
+        B, n = frames_idx.shape[:2]
+        h = self.event_frames(frames_idx.reshape(B * n, 1, *frames_idx.shape[2:]))
+        pooled = torch.cat([h.amax((2, 3)), spatial_soft_argmax(h)], 1).view(B, n, -1)
+        return pooled, self.event_ball(h).view(B, n, *h.shape[2:])
+
+    @staticmethod
+    def summarize(pooled: torch.Tensor, ball_cells: torch.Tensor) -> torch.Tensor:
+        """-> (B, n, 3 * event_width + 1): what the event head keeps of each frame (its pooled features and
+        its most confident ball cell)."""
+        return torch.cat([pooled, ball_cells.flatten(2).amax(2)[..., None]], -1)
+
+    def frame_summaries(self, frames_idx: torch.Tensor) -> torch.Tensor:
+        """(B, n, 210, 160) -> (B, n, 3 * event_width + 1), each frame on its own: a caller stepping through
+        time encodes each new frame once (play: one frame a step instead of event_context)."""
+        return self.summarize(*self.encode_frames(frames_idx))
 
     def features(self, action, context_idx=None, past_actions=None) -> torch.Tensor:
         a = self.action_embed(action.long())
@@ -505,14 +549,15 @@ class ActionToLatent(nn.Module):
         return self.sample_step(action, context_idx, temperature, generator, past_actions)[0]
 
     @torch.no_grad()
-    def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None):
+    def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None,
+                    summaries=None):
         """-> (codes (B, num_tokens), event ids (B,) or None). Codes: argmax, or sampled at `temperature`.
         Event: sampled from the model's odds, whether and where, as the game draws them (when a serve comes
         after FIRE hangs on a timer no frame shows, so its odds at a FIRE are well below one half), except
         that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
         steps would otherwise add up to stray serves over a long game. Sampling runs on the CPU, where
         `generator` lives."""
-        logits, event_logits = self.forward_events(action, context_idx, past_actions)
+        logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries)
         if temperature <= 0:
             codes = logits.argmax(-1)
         else:

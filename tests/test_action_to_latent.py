@@ -107,3 +107,15 @@ def test_v2_reads_its_last_context_frames_and_repeats_the_oldest_when_given_fewe
         short = idx[:, -2:]
         assert torch.equal(a2l(act, short), a2l(act, torch.cat([short[:, :1], short], 1)))
     assert gd.history(np.arange(5), 1, 4).tolist() == [0, 0, 0, 1]   # recorded episodes are read the same way
+
+
+def test_events_only_trains_the_event_head_and_keeps_fixed_colour_codes_fixed():
+    from train_action_to_latent import train_only_event_head
+    a2l = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, past_actions=2, positional=True, num_events=3,
+                         event_context=4, event_width=4)
+    fixed = {n for n, p in a2l.named_parameters() if not p.requires_grad}
+    assert "event_frames.embed.embed.weight" in fixed
+    train_only_event_head(a2l)
+    trained = {n for n, p in a2l.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("event_") for n in trained) and not trained & fixed
+    assert {"event_out.0.weight", "event_ball.weight", "event_frames.proj.weight"} <= trained

@@ -95,6 +95,15 @@ def test_event_head_reads_a_longer_history_than_the_code_head():
             changed[:, t] = (changed[:, t] + 1) % 6
             c, e = a2l.forward_events(act, changed)
             assert (not torch.equal(c, codes)) == code_reads and (not torch.equal(e, events)) == event_reads, t
+        # ball logits per grid cell of each frame the event head reads, oldest first: frame -3 moves only its own
+        _, _, balls = a2l.forward_events(act, idx, ball=True)
+        changed = idx.clone()
+        changed[:, -3] = (changed[:, -3] + 1) % 6
+        moved = (a2l.forward_events(act, changed, ball=True)[2] != balls).flatten(2).any(2).any(0)
+        assert balls.shape == (2, 5, 27, 20) and moved.tolist() == [False, False, True, False, False]
+        # a caller keeping each frame's reading (the neural env) gets the same events as one reading them all
+        kept = torch.cat([a2l.frame_summaries(idx[:, t:t + 1]) for t in range(2, 7)], 1)
+        assert torch.allclose(a2l.forward_events(act, idx, summaries=kept)[1], events, atol=1e-5)
 
 
 def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
@@ -122,7 +131,10 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
                "--threads", 1)
     run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors",
                "--out-dir", wm_dir, "--steps", 6, "--val-every", 6, "--width", 8, "--depth", 1, "--batch-size", 8,
-               "--val-samples", 64, "--threads", 1, "--wandb", "disabled", "--event-context", 8, "--event-width", 4)
+               "--val-samples", 64, "--threads", 1, "--wandb", "disabled", "--event-context", 8, "--event-width", 4,
+               "--event-focus", 0.5)
+    report = json.loads((wm_dir / "action_to_latent_v2_metrics.json").read_text())
+    assert 0 <= report["event_ball_acc"] <= 1 and report["config"]["event_ball_weight"] > 0
     a2l, a2l_meta = load_action_to_latent(wm_dir / "action_to_latent.safetensors", meta)
     assert a2l.num_events == wm.num_events and (a2l.context, a2l.event_context) == (2, 8)
     with pytest.raises(UserError, match="events"):   # an event head for another world model is refused
@@ -144,5 +156,8 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     env = atari_env.make_neural_env("breakout", wm_dir, "cpu")
     assert env.unwrapped.context_length == 8                  # the event head's history is kept
     env.reset(seed=0)
-    _, _, _, _, info = env.step(1)
-    assert 0 <= info["event"] < wm.num_events
+    for key in (1, 1, 2, 1):
+        _, _, _, _, info = env.step(key)
+        assert 0 <= info["event"] < wm.num_events
+    inner = env.unwrapped   # each frame read once by the event head, kept while it is among the last 8
+    assert torch.allclose(inner._summaries, a2l.frame_summaries(inner._ctx), atol=1e-5)

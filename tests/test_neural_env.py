@@ -2,12 +2,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 import atari_env
 import metrics
 from common import UserError
 from conftest import run_script
+from models.world_model import Palette, cells_any
 
 
 def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
@@ -41,7 +43,7 @@ def test_neural_env_feeds_the_past_actions_to_the_action_to_latent_model(tiny_mo
     seen = []
     real_sample = env.unwrapped.a2l.sample_step
     monkeypatch.setattr(env.unwrapped.a2l, "sample_step",
-                        lambda act, ctx, t, g, past: seen.append(past[0].tolist()) or real_sample(act, ctx, t, g, past))
+                        lambda act, ctx, t, g, past, **kw: seen.append(past[0].tolist()) or real_sample(act, ctx, t, g, past, **kw))
     frames = np.zeros((2, 210, 160, 3), np.uint8)
     env.reset(options={"frames": frames, "past_actions": [1, 3]})
     for a in (2, 2, 1):
@@ -100,6 +102,25 @@ def test_detector_matches_ram_on_real_frames():
         if term:
             break
     assert paddles > 100 and balls > 20
+
+
+def test_ball_visible_on_palette_indices_is_the_detectors_answer():
+    """metrics.ball_visible (palette indices, the event head's training label) == ball_position is not None."""
+    env = atari_env.make_world_model_env("breakout")
+    frames = [env.reset(seed=2)[0]]
+    for t in range(250):   # FIRE every 50 steps, random keys between: balls in play, lost and served again
+        frames.append(env.step(1 if t % 50 == 0 else int(np.random.default_rng(t).integers(4)))[0])
+    frames = np.stack(frames)
+    palette = Palette.fit(frames)
+    seen = metrics.ball_visible(torch.from_numpy(palette.to_index(frames)), palette.colors).numpy()
+    truth = np.array([metrics.ball_position(f) is not None for f in frames])
+    assert np.array_equal(seen, truth) and 20 < truth.sum() < len(truth) - 20   # both kinds of frame occur
+    # the event head's dense target: the grid cells holding the ball's pixels (its top-left one among them)
+    cells = cells_any(metrics.ball_pixels(torch.from_numpy(palette.to_index(frames)), palette.colors)).numpy()
+    for frame, c in zip(frames, cells):
+        ball = metrics.ball_position(frame)
+        assert (c.sum() == 0) == (ball is None) and c.sum() <= 4
+        assert ball is None or c[int(ball[0]) // 8, int(ball[1]) // 8] == 1
 
 
 def test_serves_are_found_exactly_after_fire_with_no_ball_in_play():

@@ -100,6 +100,21 @@ def test_dataset_windows_split_and_random_policy(tiny_data):
     assert manifest["episodes"] == 8 and sum(manifest["action_counts"].values()) == manifest["transitions"]
 
 
+def test_group_sampler_draws_the_focused_transitions_again_at_the_asked_fraction(tiny_data):
+    ds = gd.GameplayWindows(gd.list_episodes(tiny_data), context=2, cache_episodes=4)
+    focus = lambda ep: np.arange(len(ep["actions"])) % 5 == 0   # every fifth transition
+    plain = list(gd.EpisodeGroupSampler(ds, group=4, seed=1))
+    assert sorted(plain) == list(range(len(ds)))                  # without focus: each window once
+    drawn = list(gd.EpisodeGroupSampler(ds, group=4, seed=1, focus=focus, focus_fraction=0.5))
+    counts = np.bincount(drawn, minlength=len(ds))
+    focused = np.array([t % 5 == 0 for _, t in ds.index])
+    assert (counts[~focused] == 1).all() and (counts[focused] >= 1).all()   # the rest still once each
+    extra = len(drawn) - len(ds)
+    assert abs(extra / len(drawn) - 0.5) < 0.01 and counts[focused].sum() - focused.sum() == extra
+    with pytest.raises(ValueError, match="focus_fraction"):
+        gd.EpisodeGroupSampler(ds, focus=focus, focus_fraction=1.0)
+
+
 def test_recording_needs_real_weights_for_the_dqn(tmp_path):
     from conftest import run_script
     p = run_script("record_videos.py", "--checkpoint", tmp_path / "missing.safetensors", "--output_dir",

@@ -314,3 +314,14 @@ def test_merge_codes_fine_tune_resumes_and_refuses_bad_merges(tiny_data, tiny_mo
     model, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     assert meta["hparams"]["merged_codes"] == [[1, 0], [3, 2]] and model.code_map.tolist() == [0, 0, 2, 2]
     assert json.loads((tmp_path / "world_model_metrics.json").read_text())["step"] == 8
+
+
+def test_circle_colour_codes_let_one_linear_step_single_out_any_colour():
+    """The event head's fixed colour codes: each colour scores highest along its own code, so a projection
+    and a threshold can find one colour (the ball's red) among all others; no two codes coincide."""
+    from models.world_model import FrameEmbed
+    for n in (2, 9, 32):
+        codes = FrameEmbed(n, 2, circle=True).embed.weight
+        assert not codes.requires_grad
+        assert ((codes @ codes.T).argmax(1) == torch.arange(n)).all()
+        assert torch.cdist(codes, codes).add(torch.eye(n) * 9).min() > 0.2
