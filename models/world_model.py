@@ -552,9 +552,9 @@ class ActionToLatent(nn.Module):
     def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None,
                     summaries=None):
         """-> (codes (B, num_tokens), event ids (B,) or None). Codes: argmax, or sampled at `temperature`.
-        Event: sampled from the model's odds, whether and where, as the game draws them (when a serve comes
-        after FIRE hangs on a timer no frame shows, so its odds at a FIRE are well below one half), except
-        that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
+        Event: sampled from the model's odds, whether and where, as the game draws them (where the game
+        serves is its random pick; whether it serves at a FIRE some 5-8 steps after a lost ball is a coin
+        flip in the recordings too), except that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
         steps would otherwise add up to stray serves over a long game. Sampling runs on the CPU, where
         `generator` lives."""
         logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries)
