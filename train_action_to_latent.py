@@ -114,18 +114,22 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         act = torch.tensor([it["action"] for it in items], device=device)
         past = torch.stack([it["past_actions"] for it in items]).to(device)
         true = torch.stack([it["codes"] for it in items]).to(device)
-        pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator, past_actions=past)
+        summaries = None
+        if a2l.event_context:   # the event head reads its frames once: for the events and the ball's accuracy
+            pooled, ball_cells = a2l.event_history(ctx)
+            summaries = a2l.summarize(pooled, ball_cells)
+            seen = wm_metrics.ball_visible(last_frames(ctx, a2l.event_context), palette.colors)
+            # a frame's ball: its most confident cell; pos_weight w scales a ball cell's odds by w, so its
+            # logit - log w is the plain one
+            ball_ok += ((summaries[..., -1] > np.log(cfg.event_ball_pos_weight)) == seen).sum().item()
+            ball_n += seen.numel()
+        pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator,
+                                            past_actions=past, summaries=summaries)
         true_events = wm.transition_events(palette, ctx[:, -1], nxt) if wm.num_events else None
         if pred_events is not None:
             happened, fired = true_events > 0, pred_events > 0
             events_seen += [happened.sum().item(), (happened & fired).sum().item(),
                             (happened & (pred_events == true_events)).sum().item(), (~happened & fired).sum().item()]
-        if a2l.event_context:
-            ball_cells = a2l.forward_events(act, ctx, past, ball=True)[2]   # a frame's ball: its most confident cell
-            seen = wm_metrics.ball_visible(last_frames(ctx, a2l.event_context), palette.colors)
-            # pos_weight w scales a ball cell's odds by w: its logit - log w is the plain one
-            ball_ok += ((ball_cells.flatten(2).amax(2) > np.log(cfg.event_ball_pos_weight)) == seen).sum().item()
-            ball_n += seen.numel()
         np.add.at(conf, (true.flatten().cpu().numpy(), pred.flatten().cpu().numpy()), 1)
         ok_tok = (pred == true)
         ok = ok_tok.all(1)
