@@ -76,14 +76,15 @@ def event_odds(env, files) -> dict[str, np.ndarray]:
         frames, actions = ep["frames"], ep["actions"]
         idx = env.palette.to_index(frames)
         serves = set(metrics.serve_steps(frames))
+        ball = metrics.ball_visible(torch.from_numpy(idx), env.palette.colors).numpy()   # all frames at once
         for b in range(0, len(actions), 256):
             ts = range(b, min(b + 256, len(actions)))
             ctx = torch.from_numpy(np.stack([gd.history(idx, t, k) for t in ts])).to(env.device)
             past = torch.from_numpy(np.stack([gd.past_actions(actions, t, a2l.past_actions) for t in ts])).to(env.device)
             events = a2l.forward_events(torch.as_tensor(actions[b:b + len(ts)], device=env.device), ctx, past)[1]
             odds += (1 - events.float().softmax(-1)[:, 0]).cpu().tolist()
-            kinds += ["serve" if t in serves else "ball" if metrics.ball_position(frames[t]) is not None
-                      else "fire_no_ball" if actions[t] == FIRE else "other" for t in ts]
+            kinds += ["serve" if t in serves else "ball" if ball[t] else "fire_no_ball" if actions[t] == FIRE
+                      else "other" for t in ts]
     odds, kinds = np.array(odds), np.array(kinds)
     return {kind: odds[kinds == kind] for kind in ("serve", "fire_no_ball", "ball")}
 
