@@ -111,6 +111,48 @@ def ball_visible(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
     return ball_pixels(frames_idx, colors).flatten(-2).any(-1)
 
 
+def ball_corner(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
+    """(..., 210, 160) palette indices -> (..., 2) float: ball_position's (top row, left column), nan
+    where no ball is seen. Vectorised over a batch of frames."""
+    mask = ball_pixels(frames_idx, colors)
+    rows, cols = mask.any(-1), mask.any(-2)
+    first = lambda m: torch.where(m.any(-1), m.float().argmax(-1).float(), torch.tensor(float("nan"), device=m.device))
+    return torch.stack([first(rows), first(cols)], -1)
+
+
+def ball_may_turn(frames_idx: torch.Tensor, colors: np.ndarray, margin: int = 4) -> torch.Tensor:
+    """(T+1, 210, 160) palette indices of an episode -> (T,) bool over its transitions t -> t+1: the ball,
+    seen at t-1 and t, would on its straight course (position at t plus its last step) end within `margin`
+    px of a side wall, the paddle's rows or the bricks' lowest row, so it may bounce, turn or vanish there.
+    Read from frames t-1 and t only (the input, not the outcome), for oversampling the transitions a world
+    model finds hardest without biasing what it predicts given its input."""
+    corner = ball_corner(frames_idx, colors)
+    ahead = 2 * corner[1:-1] - corner[:-2]   # straight course: the position at t plus its last step
+    row, col = ahead[:, 0], ahead[:, 1]
+    near = ((col < PLAY_COLS.start + margin) | (col + 2 > PLAY_COLS.stop - margin)
+            | (row + 4 > PADDLE_ROWS.start - margin) | (row < BALL_ROWS.start + margin))   # nan compares False
+    return torch.cat([torch.zeros(1, dtype=torch.bool, device=near.device), near])   # t = 0: no step seen yet
+
+
+def ball_fast_sideways(frames_idx: torch.Tensor, colors: np.ndarray, px: int = 6) -> torch.Tensor:
+    """(T+1, 210, 160) palette indices of an episode -> (T,) bool over its transitions t -> t+1: the ball,
+    seen at t-1 and t, moved at least `px` columns between them (read from the input, like ball_may_turn)."""
+    corner = ball_corner(frames_idx, colors)
+    fast = (corner[1:-1, 1] - corner[:-2, 1]).abs() >= px   # nan compares False
+    return torch.cat([torch.zeros(1, dtype=torch.bool, device=fast.device), fast])
+
+
+def ball_drawn_counts(pred_idx: torch.Tensor, real_idx: torch.Tensor, colors: np.ndarray) -> dict[str, int]:
+    """Predicted vs real next frames (B, 210, 160) palette indices -> counts over the frames with a real
+    ball: `real_ball`, `ball_in_place` (a ball drawn with its corner within 2 px of the real one) and
+    `ball_whole` (exactly the real ball's pixels, none missing, none extra below the bricks)."""
+    pred, real = ball_pixels(pred_idx, colors), ball_pixels(real_idx, colors)
+    seen = real.flatten(1).any(1)
+    dist = (ball_corner(pred_idx, colors) - ball_corner(real_idx, colors)).abs().amax(-1)   # nan when none drawn
+    return {"real_ball": int(seen.sum()), "ball_in_place": int((seen & (dist <= 2)).sum()),
+            "ball_whole": int((seen & (pred == real).flatten(1).all(1)).sum())}
+
+
 SERVE_ROWS = (110, 130)
 
 

@@ -27,8 +27,9 @@ import metrics as wm_metrics
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
-from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, keep_bias_for,
-                                load_action_to_latent, load_world_model, parse_code_merges, read_weights, save_weights)
+from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, fit_shift_offsets,
+                                keep_bias_for, load_action_to_latent, load_world_model, near_cells, parse_code_merges,
+                                read_weights, save_weights)
 
 PRESETS = {
     "quick": dict(steps=3000, batch_size=32, val_every=500, lr=1e-3),
@@ -60,6 +61,15 @@ class Config:
                                   "code rarer than 6%% of transitions; 1e-4 only codes unused for ~90 batches)")
     max_colors: int = arg(32, "palette size cap (Breakout uses < 12)")
     motion_weight: float = arg(10.0, "extra loss weight on pixels that change between t and t+1")
+    ball_weight: float = arg(0.0, "Breakout: the loss weights of the grid cells within one cell of the ball at t are "
+                                  "multiplied by 1 + this (where it can be at t+1; read from the input, so the "
+                                  "argmax stays unbiased; README stage 3)")
+    turn_focus: float = arg(0.0, "Breakout: share of the windows drawn again from transitions where the ball may bounce "
+                                 "or turn (metrics.ball_may_turn: its straight course nears a wall, the paddle or the "
+                                 "bricks; ~14%% of transitions, 86%% of the turns)")
+    fast_ball_px: int = arg(0, "with --turn_focus: also draw again from transitions where the ball's last step was at least "
+                               "this many px sideways (metrics.ball_fast_sideways; 6-px sideways steps are where the "
+                               "ball breaks up most; README stage 3); 0 = off")
     self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
     context_noise: float = arg(0.0, "fraction of each batch whose decoder context gets persistent stray pixels "
@@ -78,6 +88,10 @@ class Config:
                               "of the game the latent action never learned (README stage 3)")
     event_fraction: float = arg(0.25, "with --events: share of each batch drawn from transitions with an event (serves are ~2%%)")
     event_scan: int = arg(300, "with --events: training episodes searched for events (their places and the oversampled pool)")
+    shift_classes: int = arg(0, "shift classes in the decoder's output: per grid cell and offset d, 'the pixel shows the last "
+                                "frame's colour at p - d', with the offsets fitted from the training data (how objects "
+                                "move), so a moving object is one decision per cell (README stage 3); 0 = off")
+    shift_scan: int = arg(20, "with --shift_classes: training episodes whose transitions fit the offsets")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
     freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
     merge_codes: str = arg("", "with --init_from: read the encoder's code a as code b, e.g. '3:0,7:6' (codes the decoder "
@@ -103,7 +117,7 @@ class Config:
 
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
-                "codebook_size", "code_dim", "max_colors", "positional", "events")
+                "codebook_size", "code_dim", "max_colors", "positional", "events", "shift_classes")
 PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
 
 
@@ -142,6 +156,13 @@ def fit_palette(files, max_colors: int, per_episode: int = 64) -> Palette:
         fr = gd.load_episode(f, keys=("frames", "actions"))["frames"]
         frames.append(fr[np.linspace(0, len(fr) - 1, min(per_episode, len(fr))).astype(int)])
     return Palette.fit(np.concatenate(frames), max_colors)
+
+
+def fit_shifts(windows: gd.GameplayWindows, n: int, episodes: int) -> list:
+    """The decoder's shift offsets (models.world_model.fit_shift_offsets) from every transition of the first
+    `episodes` episodes of `windows` (palette indices)."""
+    eps = [torch.from_numpy(windows.episode(e)["frames"]) for e in range(min(episodes, len(windows.files)))]
+    return fit_shift_offsets(torch.cat([f[:-1] for f in eps]), torch.cat([f[1:] for f in eps]), n)
 
 
 @torch.no_grad()
@@ -188,12 +209,13 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
              grid_path: Path, prior: ActionToLatent | None = None, val_serves: list | None = None) -> dict:
     """psnr@1 / motion_psnr@1 with the encoder's latent vs copy-last, on held-out episodes (and, with a
     prior, how often it predicts the encoder's code: what stage 5 can hope for; with `val_serves`, the
-    share of those held-out serves drawn at their place)."""
+    share of those held-out serves drawn at their place; for Breakout, the share of real balls drawn in
+    place and drawn whole: metrics.ball_drawn_counts)."""
     model.eval()
     prior_hits = 0
     pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("psnr", "copy", "motion", "motion_copy")}
-    codes_seen, action_code = Counter(), Counter()
+    codes_seen, action_code, balls = Counter(), Counter(), Counter()
     colors = torch.as_tensor(palette.colors, device=device)
     shown = None
     for b in range(0, len(pick), 64):
@@ -214,6 +236,8 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
         acc["copy"].add(last_rgb, real_rgb)
         acc["motion"].add(pred_rgb, real_rgb, mask)
         acc["motion_copy"].add(last_rgb, real_rgb, mask)
+        if cfg.game == "breakout":
+            balls.update(wm_metrics.ball_drawn_counts(pred, nxt, palette.colors))
         if shown is None:   # the grid shows the transitions with the most motion
             order = mask.sum((1, 2)).argsort(descending=True)[:4].cpu().numpy()
             shown = (last_rgb[order].cpu().numpy(), real_rgb[order].cpu().numpy(), pred_rgb[order].cpu().numpy())
@@ -225,6 +249,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
     return {**wm_metrics.latent_purity(action_code), "psnr@1": acc["psnr"].psnr, "copy_last_psnr@1": acc["copy"].psnr,
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
             "val_codes_used": len(codes_seen), **tf,
+            **({f"{k}@1": balls[k] / balls["real_ball"] for k in ("ball_in_place", "ball_whole")} if balls["real_ball"] else {}),
             **({"prior_latent_acc": prior_hits / len(pick)} if prior is not None else {})}
 
 
@@ -297,6 +322,12 @@ def main(argv=None) -> None:
         raise UserError("--action_prior shapes the encoder's latents; it cannot be used with --freeze_encoder")
     if cfg.events and cfg.game != "breakout":
         raise UserError(f"--events needs an event detector for the game; there is one for breakout, not {cfg.game}")
+    if (cfg.ball_weight or cfg.turn_focus) and cfg.game != "breakout":
+        raise UserError(f"--ball_weight and --turn_focus need a ball detector; there is one for breakout, not {cfg.game}")
+    if not 0 <= cfg.turn_focus < 1:
+        raise UserError(f"--turn_focus must be in [0, 1), got {cfg.turn_focus}")
+    if cfg.fast_ball_px and not cfg.turn_focus:
+        raise UserError("--fast_ball_px adds to --turn_focus's draws; set --turn_focus too")
     if cfg.merge_codes and not (cfg.init_from or cfg.resume):
         raise UserError("--merge_codes needs --init_from: it names codes of a trained world model")
     if cfg.prior_from and not (cfg.init_from or cfg.resume):
@@ -334,6 +365,8 @@ def main(argv=None) -> None:
         cfg = dataclasses.replace(cfg, **{k: hp[k] for k in ARCHITECTURE if k in hp})
         if hp.get("event_places"):
             cfg = dataclasses.replace(cfg, events=True)
+        if hp.get("shift_offsets"):
+            cfg = dataclasses.replace(cfg, shift_classes=len(hp["shift_offsets"]))
     else:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
@@ -356,12 +389,28 @@ def main(argv=None) -> None:
             raise UserError(f"--events: no serve found in the first {cfg.event_scan} training episodes of {data_dir}")
         val_serves = find_events(val, palette, len(val_files))[1]
         print(f"events: {len(event_pool)} serves at {len(places)} places in the first {cfg.event_scan} training episodes")
+    shifts = []
+    if state is not None:
+        shifts = json.loads(state.get("shift_offsets", "[]"))
+    elif init is not None and init.shift_offsets:
+        shifts = init.shift_offsets
+    elif cfg.shift_classes:
+        shifts = fit_shifts(train, cfg.shift_classes, cfg.shift_scan)
+        if not shifts:
+            raise UserError(f"--shift_classes: nothing moves in the first {cfg.shift_scan} training episodes of {data_dir}")
+        print(f"shift classes (dy, dx): {shifts}")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
                               keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
-                              merged_codes(cfg, init_meta, state), places).to(device)
+                              merged_codes(cfg, init_meta, state), places, shifts).to(device)
     if init is not None:   # strict=False only for an event table the --init_from weights did not have
-        missing, unexpected = model.load_state_dict(init.state_dict(), strict=False)
+        weights = init.state_dict()
+        if shifts and not init.shift_offsets:   # new shift classes: the head's last layer gains rows, zero at first
+            head = model.head[-1]
+            n = weights["head.2.bias"].shape[0]
+            weights["head.2.weight"] = torch.cat([weights["head.2.weight"], torch.zeros_like(head.weight[n:])])
+            weights["head.2.bias"] = torch.cat([weights["head.2.bias"], torch.zeros_like(head.bias[n:])])
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"event_embed.weight"}:
             raise UserError(f"{cfg.init_from}: weights do not fit the model ({(unexpected or missing)[0]} ...)")
     if cfg.freeze_encoder:
@@ -384,7 +433,15 @@ def main(argv=None) -> None:
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}")
     fwd = torch.compile(model) if cfg.compile else model
-    sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed)
+    def turns(ep):   # --turn_focus: the transitions where the ball may turn (or, with --fast_ball_px, moves fast)
+        frames = torch.from_numpy(ep["frames"])
+        hard = wm_metrics.ball_may_turn(frames, palette.colors)
+        if cfg.fast_ball_px:
+            hard |= wm_metrics.ball_fast_sideways(frames, palette.colors, cfg.fast_ball_px)
+        return hard.numpy()
+
+    sampler = gd.EpisodeGroupSampler(train, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed,
+                                     focus=turns if cfg.turn_focus else None, focus_fraction=cfg.turn_focus)
     sampler.epoch = step // max(1, len(train) // cfg.batch_size)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
     logger = MetricLogger(out_dir / "train" / "world_model", f"neural-atari-world-model-{cfg.game}",
@@ -399,6 +456,7 @@ def main(argv=None) -> None:
                                     "last_val": json.dumps(last_val), "torch_rng": torch.get_rng_state(),
                                     "merged_codes": json.dumps(model.hparams.get("merged_codes", [])),
                                     "event_places": json.dumps(model.event_places),
+                                    "shift_offsets": json.dumps(model.shift_offsets),
                                     **({"prior": prior.state_dict()} if prior is not None else {})})
         save_weights(out_dir / "world_model.safetensors", model, {**meta, "step": step, "validation": last_val})
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
@@ -426,7 +484,10 @@ def main(argv=None) -> None:
                     ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     cells, codes, commit, z = fwd(history[:, 1:], nxt, ctx, events)
-                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight)
+                scale = None
+                if cfg.ball_weight:   # the cells the ball can reach from where it is at t (the real frame)
+                    scale = 1 + cfg.ball_weight * near_cells(wm_metrics.ball_pixels(history[:, -1], palette.colors))
+                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale)
                 loss = recon + commit.sum()
                 if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
                     prior_logits = prior(action, history[:, 1:], past_actions)
@@ -464,7 +525,9 @@ def main(argv=None) -> None:
                                f"tf_psnr@16 {last_val.get('tf_psnr@16', float('nan')):.2f} "
                                f"(copy-last {last_val.get('tf_copy_last_psnr@16', float('nan')):.2f})"
                                + (f", prior latent_acc {last_val['prior_latent_acc']:.3f}" if prior is not None else "")
-                               + (f", held-out serves drawn {last_val['serve_drawn_at_place']:.3f}" if val_serves else ""))
+                               + (f", held-out serves drawn {last_val['serve_drawn_at_place']:.3f}" if val_serves else "")
+                               + (f", ball in place {last_val['ball_in_place@1']:.3f} / whole {last_val['ball_whole@1']:.3f}"
+                                  if "ball_whole@1" in last_val else ""))
                     checkpoint(last_val)
                 if step >= cfg.steps:
                     break

@@ -24,6 +24,7 @@ from vector_quantize_pytorch import VectorQuantize
 H, W = 210, 160
 CELL = 8                      # space-to-depth factor
 PAD_H = (-H) % CELL           # 210 -> 216 rows
+CELLS = (H + PAD_H) // CELL * (W // CELL)   # 540 grid cells
 
 
 # ----------------------------------------------------------------------------- palette
@@ -91,6 +92,40 @@ def change_target(last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tenso
 
 def apply_change(last_idx: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
     return torch.where(change == 0, last_idx, (change.long() - 1).to(last_idx.dtype))
+
+
+def cell_sources(last_idx: torch.Tensor, offsets: list, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(B, 210, 160) palette indices, [(dy, dx), ...], grid cells (b[k], c[k]) -> (K, S, 64): for each offset d
+    and pixel p of the cell, the colour the last frame has at p - d (what p shows if its neighbourhood moves
+    by d); the pixel's own colour where p - d is outside the frame. Cells are chosen because at play time
+    only the few that may change need it."""
+    reach = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
+    d = torch.tensor(offsets, device=last_idx.device)
+    pix = torch.arange(CELL * CELL, device=last_idx.device)
+    y = ((c // (W // CELL))[:, None] * CELL + pix // CELL)[:, None] - d[None, :, :1] + reach     # (K, S, 64)
+    x = ((c % (W // CELL))[:, None] * CELL + pix % CELL)[:, None] - d[None, :, 1:] + reach
+    padded = F.pad(last_idx, (reach, reach, reach, reach + PAD_H), value=255)
+    src = padded[b[:, None, None], y, x]
+    own = to_cells(last_idx)[b, c][:, None]
+    return torch.where(src == 255, own, src)
+
+
+def fit_shift_offsets(last_idx: torch.Tensor, next_idx: torch.Tensor, n: int, reach: int = 12) -> list:
+    """The n offsets (dy, dx) that best explain how objects move, from real transitions last -> next
+    ((B, 210, 160) palette indices; colour 0, the commonest, is the background). Every grid cell where some
+    pixel takes on a non-background colour is a vote, shared among the offsets d that explain the whole cell
+    (each of its pixels shows the last frame's colour at p - d, as cell_sources reads it); the n offsets
+    with the most votes are kept, most first."""
+    cands = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if (dy, dx) != (0, 0)]
+    last_cells, next_cells = to_cells(last_idx), to_cells(next_idx)                       # (B, 540, 64)
+    b, c = ((next_cells != last_cells) & (next_cells != 0)).any(-1).nonzero(as_tuple=True)
+    inside = (c // (W // CELL) * CELL)[:, None] + torch.arange(CELL * CELL) // CELL < H   # not the padding rows
+    target = next_cells[b, c]
+    explains = torch.cat([((cell_sources(last_idx, cands[i:i + 24], b, c) == target[:, None]) | ~inside[:, None]).all(2).T
+                          for i in range(0, len(cands), 24)])                                  # (candidates, K)
+    votes = (explains.float() / explains.sum(0).clamp(min=1)).sum(1)
+    order = [int(i) for i in votes.argsort(descending=True, stable=True) if votes[i] > 0][:n]
+    return [list(cands[i]) for i in order]
 
 
 def add_speckle(context_idx: torch.Tensor, fraction: float, max_density: float, num_colors: int) -> torch.Tensor:
@@ -210,6 +245,11 @@ def cells_any(mask: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, CELL)[:, 0].view(*mask.shape[:-2], (H + PAD_H) // CELL, W // CELL)
 
 
+def near_cells(mask: torch.Tensor, reach: int = 1) -> torch.Tensor:
+    """(B, 210, 160) bool -> (B, 27, 20) float: 1 on the grid cells within `reach` cells of a marked pixel."""
+    return F.max_pool2d(cells_any(mask)[:, None], 2 * reach + 1, stride=1, padding=reach)[:, 0]
+
+
 def spatial_soft_argmax(h: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, 2C): per channel, the softmax-weighted mean (x, y) over the grid, in [-1, 1].
     Mean and max pooling forget *where* a feature fired; this keeps it (Levine et al. 2016's keypoints)."""
@@ -243,10 +283,12 @@ class LatentActionModel(nn.Module):
     def __init__(self, num_colors: int, context: int = 2, width: int = 96, depth: int = 3, embed_dim: int = 4,
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
                  code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0, dead_code: float = 2.0,
-                 positional: bool = False, merged_codes: list | None = None, event_places: list | None = None):
+                 positional: bool = False, merged_codes: list | None = None, event_places: list | None = None,
+                 shift_offsets: list | None = None):
         super().__init__()
         merged_codes = [[int(a), int(b)] for a, b in (merged_codes or [])]
         event_places = [[int(r), int(c)] for r, c in (event_places or [])]
+        shift_offsets = [[int(dy), int(dx)] for dy, dx in (shift_offsets or [])]
         self.hparams = dict(num_colors=num_colors, context=context, width=width, depth=depth, embed_dim=embed_dim,
                             enc_width=enc_width, enc_depth=enc_depth, num_tokens=num_tokens,
                             codebook_size=codebook_size, code_dim=code_dim, head_hidden=head_hidden,
@@ -255,6 +297,9 @@ class LatentActionModel(nn.Module):
             self.hparams["merged_codes"] = merged_codes
         if event_places:   # likewise: weights without events keep their metadata and tensors
             self.hparams["event_places"] = event_places
+        if shift_offsets:  # likewise
+            self.hparams["shift_offsets"] = shift_offsets
+        self.shift_offsets = shift_offsets
         self.keep_bias = keep_bias   # added to the keep logit when decoding (keep_bias_for); 0 = raw argmax
         self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
         self.codebook_size, self.code_dim, self.positional = codebook_size, code_dim, positional
@@ -290,11 +335,14 @@ class LatentActionModel(nn.Module):
             nn.init.zeros_(self.event_embed.weight)   # a fine-tune starts from the model it was given
         self.dec = GridNet(num_colors, context, width, depth, embed_dim, cond_dim=cond, positional=positional)
         # Per pixel: class 0 = "keep the last frame's colour", class 1 + c = "becomes palette colour c".
+        # Shift classes (optional, README stage 3): one more logit per grid cell and offset d, shared by the
+        # cell's 64 pixels, "the pixel shows the last frame's colour at p - d": a moving object is one
+        # decision per cell instead of 64 independent ones, so a 2-px ball moves whole or not at all.
         # 1x1 convs written as Linear over cells: the same maths, 2x faster on CPU at batch 1.
         self.head = nn.Sequential(nn.Linear(width, head_hidden), nn.SiLU(),
-                                  nn.Linear(head_hidden, (num_colors + 1) * CELL * CELL))
+                                  nn.Linear(head_hidden, (num_colors + 1) * CELL * CELL + len(shift_offsets)))
         with torch.no_grad():   # start as "copy the last frame" (GUIDE: copy-last is a strong baseline)
-            self.head[-1].bias.view(num_colors + 1, CELL * CELL)[0] += 4.0
+            self.head[-1].bias[:CELL * CELL] += 4.0
         self.encoder_frozen = False
         # channels_last: the 3x3 convs run ~14% faster per training step and faster at batch 1 on CPU;
         # loading weights and .to(device) keep the layout, so training and play both get it from here
@@ -364,32 +412,101 @@ class LatentActionModel(nn.Module):
     def decode_cells(self, context_idx: torch.Tensor, latent: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """-> (B, 540, 1 + num_colors, 64) logits: per grid cell, per class, per pixel of the 8x8 cell.
         Class 0 = keep the last frame's colour, class 1 + c = become palette colour c. `events`: (B,) event
-        ids (None = no event); ignored by a model without events."""
+        ids (None = no event); ignored by a model without events. Shift classes, if any, follow the colour
+        classes, each cell's logit repeated over its pixels."""
+        cond = self.condition(latent, events)
+        pixels, shifts = self.decode_split(context_idx, cond)
+        if shifts is None:
+            return pixels
+        return torch.cat([pixels, shifts[..., None].expand(-1, -1, -1, CELL * CELL)], 2)
+
+    def condition(self, latent: torch.Tensor, events: torch.Tensor | None) -> torch.Tensor:
         cond = latent.reshape(latent.shape[0], -1)
         if events is not None and self.event_embed is not None:
             cond = cond + self.event_embed(events.to(cond.device).long())
+        return cond
+
+    def decode_split(self, context_idx: torch.Tensor, cond: torch.Tensor):
+        """-> (per-pixel logits (B, 540, 1 + num_colors, 64), per-cell shift logits (B, 540, S) or None)."""
         h = self.dec(context_idx[:, -self.context:], cond)   # the last `context` of a longer history
-        return self.head(h.flatten(2).transpose(1, 2)).unflatten(2, (self.num_colors + 1, CELL * CELL))
+        out = self.head(h.flatten(2).transpose(1, 2))
+        n = (self.num_colors + 1) * CELL * CELL
+        pixels = out[..., :n].unflatten(2, (self.num_colors + 1, CELL * CELL))
+        return pixels, (out[..., n:] if self.shift_offsets else None)
+
+    def shift_sources_cells(self, last_idx: torch.Tensor) -> torch.Tensor:
+        """(B, 210, 160) -> (B, 540, S, 64): per grid cell and shift class, the colour each pixel takes."""
+        cells = torch.arange(len(last_idx) * CELLS, device=last_idx.device)
+        src = cell_sources(last_idx, self.shift_offsets, cells // CELLS, cells % CELLS)
+        return src.view(len(last_idx), CELLS, *src.shape[1:])
 
     def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
-                  motion_weight: float) -> torch.Tensor:
-        """Motion-weighted cross-entropy, computed in the cell layout (no full-image reshuffle)."""
+                  motion_weight: float, cell_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Motion-weighted cross-entropy, computed in the cell layout (no full-image reshuffle).
+        `cell_scale` (B, 27, 20), when given, multiplies the weights of each grid cell's pixels. It must be
+        read from the input (e.g. near_cells around the ball at t), never from the next frame: a weight that
+        depends on the outcome would bias the argmax toward it, which keep_bias only undoes for the motion weight."""
         target = to_cells(change_target(last_idx, next_idx))                   # (B, 540, 64)
         weight = to_cells(motion_weights(last_idx, next_idx, motion_weight))
+        if cell_scale is not None:
+            weight = weight * cell_scale.flatten(1)[..., None]
         weight = weight * to_cells(torch.ones_like(last_idx, dtype=torch.float32))   # 0 on the padding rows
+        if self.shift_offsets:   # several classes can be right: -log of their summed probability
+            return (self.shift_class_loss(cells, last_idx, next_idx, target) * weight).sum() / weight.sum()
         # classes on dim 1 with the 64 pixels contiguous behind them: log-softmax vectorises well
         ce = F.cross_entropy(cells.flatten(0, 1).float(), target.flatten(0, 1), reduction="none")
         return (ce * weight.flatten(0, 1)).sum() / weight.sum()
+
+    def shift_class_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
+                         target: torch.Tensor) -> torch.Tensor:
+        """-> (B, 540, 64) per-pixel -log p(a right class): the pixel's own class (target) or any shift whose
+        source has the next colour. Computed from the per-cell shift logits, not as a softmax over the
+        (B, 540, 1 + C + S, 64) classes: with 24 shift classes a training step took ~2.8 s that way, ~2.1 s this
+        way, ~1.25 s without shift classes (batch 32, 2 threads, session 18's VM)."""
+        c1 = self.num_colors + 1
+        pix, shift = cells[:, :, :c1].float(), cells[:, :, c1:, 0].float()          # (B, 540, C1, 64), (B, 540, S)
+        top = shift.amax(2, keepdim=True)
+        odds = (shift - top).exp()                                                   # (B, 540, S)
+        every = torch.logaddexp(pix.logsumexp(2), odds.sum(2, keepdim=True).log() + top)
+        right_shift = self.shift_sources_cells(last_idx) == to_cells(next_idx)[:, :, None]   # (B, 540, S, 64)
+        shift_mass = torch.einsum("bcsp,bcs->bcp", right_shift.float(), odds)
+        right = torch.logaddexp(pix.gather(2, target[:, :, None]).squeeze(2), shift_mass.clamp_min(1e-30).log() + top)
+        return every - right
 
     @torch.no_grad()
     def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """Next frame as palette indices (B, 210, 160) uint8: exactly what is shown and fed back.
         The argmax runs in the cell layout (cheaper than on the reshuffled image)."""
+        if self.shift_offsets:
+            return self.decode_colours(*self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events)),
+                                       context_idx[:, -1])
         cells = self.decode_cells(context_idx, self.codes_to_latent(codes), events)
         if self.keep_bias:
             cells[:, :, 0] += self.keep_bias
         change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
         return apply_change(context_idx[:, -1], from_cells(change))
+
+    def decode_colours(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
+        """With shift classes: each class's probability goes to the colour it gives the pixel (keep: the last
+        colour; 1 + c: colour c; shift d: the last frame's colour at p - d) and the likeliest colour wins, the
+        last colour's probability first multiplied by exp(keep_bias) = 1 + motion weight (the loss weighs
+        outcomes, and the outcome is the colour). A pixel whose keep class alone has p > 1 / (1 + exp(keep_bias))
+        keeps its colour whatever the rest says, so only the cells with a pixel below that are summed up
+        (a few dozen of 540 at play time). -> (B, 210, 160) uint8."""
+        boost = math.exp(self.keep_bias)
+        every = torch.logaddexp(pixels.float().logsumexp(2), shifts.float().logsumexp(2)[..., None])   # (B, 540, 64)
+        b, c = ((pixels[:, :, 0].float() - every).exp() <= 1 / (1 + boost)).any(-1).nonzero(as_tuple=True)
+        out = to_cells(last_idx)
+        if len(b):
+            k = torch.cat([pixels[b, c].float(), shifts[b, c].float()[..., None].expand(-1, -1, CELL * CELL)], 1)
+            p = torch.softmax(k, 1)                                                   # (K, classes, 64)
+            last = out[b, c].long()[:, None]                                          # (K, 1, 64)
+            colour = p[:, 1:self.num_colors + 1].clone()
+            colour.scatter_add_(1, last, p[:, :1])
+            colour.scatter_add_(1, cell_sources(last_idx, self.shift_offsets, b, c).long(), p[:, self.num_colors + 1:])
+            colour.scatter_(1, last, colour.gather(1, last) * boost)
+            out[b, c] = colour.argmax(1).to(out.dtype)
+        return from_cells(out)
 
     def forward(self, context_idx, next_idx, decode_context=None, events=None):
         """Training pass: -> (decoder cell logits, codes, commitment loss, the encoder's continuous output).

@@ -121,6 +121,38 @@ def test_ball_visible_on_palette_indices_is_the_detectors_answer():
         ball = metrics.ball_position(frame)
         assert (c.sum() == 0) == (ball is None) and c.sum() <= 4
         assert ball is None or c[int(ball[0]) // 8, int(ball[1]) // 8] == 1
+    # the vectorised corner (validation's ball_in_place) is ball_position's, nan where there is none
+    corner = metrics.ball_corner(torch.from_numpy(palette.to_index(frames)), palette.colors).numpy()
+    for frame, c in zip(frames, corner):
+        ball = metrics.ball_position(frame)
+        assert np.isnan(c).all() if ball is None else tuple(c) == ball
+
+
+def test_ball_may_turn_marks_the_transitions_before_the_real_balls_turns():
+    """metrics.ball_may_turn (the world model's --turn_focus) on emulator play that keeps the ball in play
+    (the paddle follows it): it marks most transitions where the ball then bounces or turns, few of all."""
+    env = atari_env.make_world_model_env("breakout")
+    frames = [env.reset(seed=3)[0]]
+    for t in range(400):
+        ball, paddle = metrics.ball_position(frames[-1]), metrics.paddle_left(frames[-1])
+        key = 1 if ball is None or paddle is None else (2 if ball[1] > paddle + 8 else 3)   # FIRE, RIGHT, LEFT
+        frame, _, term, trunc, _ = env.step(key)
+        frames.append(frame)
+        if term or trunc:
+            break
+    frames = np.stack(frames)
+    palette = Palette.fit(frames)
+    may = metrics.ball_may_turn(torch.from_numpy(palette.to_index(frames)), palette.colors).numpy()
+    balls = [metrics.ball_position(f) for f in frames]
+    turns = [t for t in range(1, len(frames) - 1) if None not in balls[t - 1:t + 2]
+             and np.subtract(balls[t + 1], balls[t]).tolist() != np.subtract(balls[t], balls[t - 1]).tolist()]
+    assert len(may) == len(frames) - 1 and not may[0] and len(turns) >= 5
+    assert np.mean(may[turns]) > 0.7 and 0.03 < may.mean() < 0.3   # most turns, few of all transitions
+    # --fast_ball_px: the ball's last sideways step, as ball_position reads it
+    fast = metrics.ball_fast_sideways(torch.from_numpy(palette.to_index(frames)), palette.colors, 6).numpy()
+    truth = [t > 0 and None not in balls[t - 1:t + 1] and abs(balls[t][1] - balls[t - 1][1]) >= 6
+             for t in range(len(frames) - 1)]
+    assert np.array_equal(fast, truth) and 0 < fast.sum() < len(fast)
 
 
 def test_serves_are_found_exactly_after_fire_with_no_ball_in_play():

@@ -7,9 +7,10 @@ import torch
 import gameplay_data as gd
 from common import UserError
 from conftest import TINY_WM, run_script
+import metrics
 from models.world_model import (GridNet, LatentActionModel, Palette, add_speckle, apply_change, change_target,
-                                from_cells, keep_bias_for, load_world_model, motion_weights, read_weights, save_weights,
-                                spatial_soft_argmax, to_cells)
+                                fit_shift_offsets, from_cells, keep_bias_for, load_world_model, motion_weights,
+                                near_cells, read_weights, save_weights, spatial_soft_argmax, to_cells)
 
 
 def tiny_model(**kw):
@@ -83,6 +84,111 @@ def test_keep_bias_undoes_the_motion_weighting():
     assert change_vs_keep == pytest.approx(np.log(frac * 11 / (1 - frac)), abs=0.05)
     assert change_vs_keep > 0 and change_vs_keep - keep_bias_for(10.0) < 0
     assert keep_bias_for(10.0) == pytest.approx(np.log(11))
+
+
+def test_cell_scale_weighs_the_cells_near_the_ball_and_nothing_else():
+    """near_cells marks the 3x3 grid cells around a marked pixel; cell_loss's cell_scale multiplies exactly
+    those cells' pixel weights (a uniform scale leaves the normalised loss as it was)."""
+    mask = torch.zeros(1, 210, 160, dtype=torch.bool)
+    mask[0, 100, 50] = True                                      # grid cell (12, 6)
+    near = near_cells(mask)
+    assert near.shape == (1, 27, 20) and near.sum() == 9 and near[0, 11:14, 5:8].all()
+    torch.manual_seed(0)
+    m = tiny_model()
+    last = torch.randint(0, 6, (1, 210, 160), dtype=torch.uint8)
+    nxt = torch.where(torch.rand(1, 210, 160) < 0.1, torch.randint(0, 6, (1, 210, 160), dtype=torch.uint8), last)
+    cells = torch.randn(1, 540, 7, 64)
+    plain = m.cell_loss(cells, last, nxt, 10.0)
+    assert m.cell_loss(cells, last, nxt, 10.0, torch.full((1, 27, 20), 3.0)) == pytest.approx(plain.item(), rel=1e-5)
+    scale = 1 + 4 * near
+    ce = torch.nn.functional.cross_entropy(cells.flatten(0, 1), to_cells(change_target(last, nxt)).flatten(0, 1),
+                                           reduction="none").view(1, 540, 64)
+    w = to_cells(motion_weights(last, nxt, 10.0)) * to_cells(torch.ones(1, 210, 160)) * scale.flatten(1)[..., None]
+    assert m.cell_loss(cells, last, nxt, 10.0, scale) == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+
+
+def test_ball_drawn_counts_tell_a_whole_ball_from_a_near_one_and_a_missing_one():
+    colors = np.array([[0, 0, 0], [200, 72, 72], [142, 142, 142]], np.uint8)
+    real = torch.zeros(4, 210, 160, dtype=torch.uint8)
+    real[:3, 120:124, 60:62] = 1                                  # a ball in three frames, none in the last
+    pred = torch.zeros_like(real)
+    pred[0, 120:124, 60:62] = 1                                   # whole
+    pred[1, 121:125, 61:63] = 1                                   # one px off: in place, not whole
+    pred[2, 120:124, 70:72] = 1                                   # 10 px off
+    pred[3, 150:154, 30:32] = 1                                   # a ball where there is none: not counted here
+    assert metrics.ball_drawn_counts(pred, real, colors) == {"real_ball": 3, "ball_in_place": 2, "ball_whole": 1}
+    assert torch.equal(metrics.ball_corner(real, colors)[0], torch.tensor([120.0, 60.0]))
+    assert torch.isnan(metrics.ball_corner(real, colors)[3]).all()
+
+
+def moving_objects(steps: int = 6) -> torch.Tensor:
+    """(steps, 210, 160) palette indices on background 0: a 4x2 'ball' (colour 1) moving (4, 6) a step and a
+    4x16 'paddle' (colour 2) moving (0, 8) a step."""
+    frames = torch.zeros(steps, 210, 160, dtype=torch.uint8)
+    for t in range(steps):
+        frames[t, 60 + 4 * t:64 + 4 * t, 30 + 6 * t:32 + 6 * t] = 1
+        frames[t, 189:193, 20 + 8 * t:36 + 8 * t] = 2
+    return frames
+
+
+def test_shift_offsets_are_fitted_to_how_objects_move_and_shift_sources_move_them():
+    f = moving_objects()
+    offsets = fit_shift_offsets(f[:-1], f[1:], 2)
+    assert sorted(offsets) == [[0, 8], [4, 6]]   # the blurred neighbours (e.g. (4, 5)) explain no whole cell
+    cells = tiny_model(shift_offsets=[[4, 6], [0, 8], [-3, 0]]).shift_sources_cells(f[:-1])   # (5, 540, 3, 64)
+    src = torch.stack([from_cells(cells[:, :, i]) for i in range(3)], 1)
+    assert src.shape == (5, 3, 210, 160)
+    ball, paddle = (f[1:] == 1), (f[1:] == 2)
+    assert torch.equal(src[:, 0][ball], f[1:][ball]) and torch.equal(src[:, 1][paddle], f[1:][paddle])
+    assert torch.equal(src[:, 2, :, :][:, -3:], f[:-1, -3:])   # a source outside the frame: the pixel's own colour
+
+
+def test_shift_classes_decode_a_moving_object_whole_and_keep_the_calibrated_decision():
+    torch.manual_seed(0)
+    m = tiny_model(keep_bias=keep_bias_for(10.0), shift_offsets=[[4, 6], [0, 8]]).eval()
+    f = moving_objects(2)
+    last, nxt = f[:1], f[1:]
+    cells = torch.full((1, 540, 7 + 2, 64), -20.0)
+    cells[:, :, 0] = 5.0                                                  # keep everything ...
+    moved = to_cells((last != nxt).float()).amax(-1) > 0                  # ... but where the objects move
+    cells[0, moved[0], 0] = 0.0
+    cells[0, moved[0], 7] = 3.0          # shift (4, 6): every pixel of these cells at once (the paddle too: a
+    cells[0, moved[0], 8] = 3.0          # cell takes whichever offset explains it, both are equally likely)
+    ball_cells = to_cells(((last == 1) | (nxt == 1)).float()).amax(-1)[0] > 0
+    cells[0, ball_cells, 7] = 6.0
+    paddle_cells = to_cells(((last == 2) | (nxt == 2)).float()).amax(-1)[0] > 0
+    cells[0, paddle_cells, 8] = 6.0
+    assert torch.equal(m.decode_colours(cells[:, :, :7], cells[:, :, 7:, 0], last), nxt)
+    # the loss counts every right class: -log of their summed probability
+    loss = m.cell_loss(cells, last, nxt, 10.0)
+    p = torch.softmax(cells, 2)
+    target = to_cells(change_target(last, nxt))
+    right = torch.nn.functional.one_hot(target, 7).transpose(2, 3).bool()
+    right = torch.cat([right, m.shift_sources_cells(last) == to_cells(nxt)[:, :, None]], 2)
+    w = to_cells(motion_weights(last, nxt, 10.0)) * to_cells(torch.ones(1, 210, 160))
+    manual = (-(p * right).sum(2).log() * w).sum() / w.sum()
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-4)
+    # with no probability on the shift classes, the decision is the plain path's (keep logit + keep_bias)
+    rand = torch.randn(2, 540, 9, 64) * 3
+    rand[:, :, 7:] = -1e9
+    ctx = torch.randint(0, 6, (2, 2, 210, 160), dtype=torch.uint8)
+    rand.scatter_(2, 1 + to_cells(ctx[:, -1]).long()[:, :, None], -1e9)   # "become the colour it has" is no class
+    plain = rand[:, :, :7].clone()
+    plain[:, :, 0] += m.keep_bias
+    assert torch.equal(m.decode_colours(rand[:, :, :7], rand[:, :, 7:, 0], ctx[:, -1]),
+                       apply_change(ctx[:, -1], from_cells(plain.max(2).indices.to(torch.uint8))))
+    # with mass on them, only the cells with an unsure keep are summed up: the same as summing every cell
+    rand = torch.randn(2, 540, 9, 64) * 3
+    rand[:, :, 7:] = torch.randn(2, 540, 2, 1) * 3
+    rand[:, :200, 0] += 8                                                 # most cells sure to keep, as in play
+    p = torch.softmax(rand, 2)
+    last = to_cells(ctx[:, -1]).long()[:, :, None]
+    colour = p[:, :, 1:7].clone()
+    colour.scatter_add_(2, last, p[:, :, :1])
+    colour.scatter_add_(2, m.shift_sources_cells(ctx[:, -1]).long(), p[:, :, 7:])
+    colour.scatter_(2, last, colour.gather(2, last) * np.exp(m.keep_bias))
+    assert torch.equal(m.decode_colours(rand[:, :, :7], rand[:, :, 7:, 0], ctx[:, -1]),
+                       from_cells(colour.argmax(2).to(torch.uint8)))
 
 
 def test_keep_bias_is_applied_when_decoding_and_derived_for_older_weights(tmp_path):
@@ -215,6 +321,7 @@ def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
 def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_models, tmp_path):
     run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 6, "--val-every", 6,
                "--init-from", tiny_models / "world_model.safetensors", "--freeze-encoder", "--context-noise", 0.5,
+               "--ball-weight", 4, "--turn-focus", 0.3, "--fast-ball-px", 6,
                "--lr", "1e-2", *TINY_WM[:-6], "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled")
     before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
@@ -224,6 +331,41 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
             assert torch.equal(a[k], b[k]), k
     assert not all(torch.equal(a[k], b[k]) for k in b if k.startswith(("dec.", "head.")))
     assert meta["config"]["freeze_encoder"] and meta["hparams"]["width"] == before.hparams["width"]
+    assert meta["config"]["ball_weight"] == 4 and meta["config"]["turn_focus"] == 0.3 and meta["config"]["fast_ball_px"] == 6
+    report = json.loads((tmp_path / "world_model_metrics.json").read_text())
+    assert 0 <= report["ball_whole@1"] <= report["ball_in_place@1"] <= 1   # the random episodes show a ball
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--turn-focus", 1,
+                     check=False)
+    assert bad.returncode != 0 and "--turn_focus must be in [0, 1)" in bad.stderr
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--fast-ball-px", 6,
+                     check=False)
+    assert bad.returncode != 0 and "set --turn_focus too" in bad.stderr
+
+
+def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data, tiny_models, tmp_path):
+    import shutil
+
+    import atari_env
+    args = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--init-from", tiny_models / "world_model.safetensors",
+            "--freeze-encoder", "--shift-classes", 4, "--shift-scan", 2, "--val-every", 3, *TINY_WM[:-6],
+            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled"]
+    run_script("train_latent_action.py", *args, "--steps", 3)
+    first, _, meta = load_world_model(tmp_path / "world_model.safetensors")
+    offsets = meta["hparams"]["shift_offsets"]
+    assert 1 <= len(offsets) <= 4 and first.head[-1].out_features == (first.num_colors + 1) * 64 + len(offsets)
+    run_script("train_latent_action.py", *args, "--steps", 6, "--resume")
+    after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
+    assert meta["step"] == 6 and meta["hparams"]["shift_offsets"] == offsets
+    before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
+    n = before.head[-1].out_features   # the old classes start where the --init_from weights left them
+    assert not torch.equal(after.head[-1].weight[:n], before.head[-1].weight)
+    for name in ("action_to_latent.safetensors", "start_frames.safetensors"):
+        shutil.copy(tiny_models / name, tmp_path / name)
+    env = atari_env.make_neural_env("breakout", tmp_path, device="cpu")
+    obs, _ = env.reset(seed=0)
+    for a in (1, 2, 3):
+        obs = env.step(a)[0]
+    assert obs.shape == (210, 160, 3) and obs.dtype == np.uint8
 
 
 def test_world_model_training_resumes(tiny_data, tmp_path):
