@@ -66,10 +66,9 @@ class Config:
                                   "argmax stays unbiased; README stage 3)")
     turn_focus: float = arg(0.0, "Breakout: share of the windows drawn again from transitions where the ball may bounce "
                                  "or turn (metrics.ball_may_turn: its straight course nears a wall, the paddle or the "
-                                 "bricks; ~14%% of transitions, 86%% of the turns)")
+                                 "bricks; README stage 3)")
     fast_ball_px: int = arg(0, "with --turn_focus: also draw again from transitions where the ball's last step was at least "
-                               "this many px sideways (metrics.ball_fast_sideways; 6-px sideways steps are where the "
-                               "ball breaks up most; README stage 3); 0 = off")
+                               "this many px sideways (metrics.ball_fast_sideways); 0 = off")
     self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
     context_noise: float = arg(0.0, "fraction of each batch whose decoder context gets persistent stray pixels "
