@@ -492,7 +492,7 @@ class LatentActionModel(nn.Module):
         last colour's probability first multiplied by exp(keep_bias) = 1 + motion weight (the loss weighs
         outcomes, and the outcome is the colour). A pixel whose keep class alone has p > 1 / (1 + exp(keep_bias))
         keeps its colour whatever the rest says, so only the cells with a pixel below that are summed up
-        (a few dozen of 540 at play time). -> (B, 210, 160) uint8."""
+        (a median of 4 of 540 a step in play, README design notes). -> (B, 210, 160) uint8."""
         boost = math.exp(self.keep_bias)
         every = torch.logaddexp(pixels.float().logsumexp(2), shifts.float().logsumexp(2)[..., None])   # (B, 540, 64)
         b, c = ((pixels[:, :, 0].float() - every).exp() <= 1 / (1 + boost)).any(-1).nonzero(as_tuple=True)
