@@ -114,7 +114,11 @@ def ball_visible(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
 def ball_corner(frames_idx: torch.Tensor, colors: np.ndarray) -> torch.Tensor:
     """(..., 210, 160) palette indices -> (..., 2) float: ball_position's (top row, left column), nan
     where no ball is seen. Vectorised over a batch of frames."""
-    mask = ball_pixels(frames_idx, colors)
+    return _corner(ball_pixels(frames_idx, colors))
+
+
+def _corner(mask: torch.Tensor) -> torch.Tensor:
+    """ball_corner from the ball's pixels (..., 210, 160) bool, for a caller that has them already."""
     rows, cols = mask.any(-1), mask.any(-2)
     first = lambda m: torch.where(m.any(-1), m.float().argmax(-1).float(), torch.tensor(float("nan"), device=m.device))
     return torch.stack([first(rows), first(cols)], -1)
@@ -148,7 +152,7 @@ def ball_drawn_counts(pred_idx: torch.Tensor, real_idx: torch.Tensor, colors: np
     `ball_whole` (exactly the real ball's pixels, none missing, none extra below the bricks)."""
     pred, real = ball_pixels(pred_idx, colors), ball_pixels(real_idx, colors)
     seen = real.flatten(1).any(1)
-    dist = (ball_corner(pred_idx, colors) - ball_corner(real_idx, colors)).abs().amax(-1)   # nan when none drawn
+    dist = (_corner(pred) - _corner(real)).abs().amax(-1)   # nan when none drawn
     return {"real_ball": int(seen.sum()), "ball_in_place": int((seen & (dist <= 2)).sum()),
             "ball_whole": int((seen & (pred == real).flatten(1).all(1)).sum())}
 
