@@ -91,6 +91,11 @@ class Config:
                                 "frame's colour at p - d', with the offsets fitted from the training data (how objects "
                                 "move), so a moving object is one decision per cell (README stage 3); 0 = off")
     shift_scan: int = arg(20, "with --shift_classes: training episodes whose transitions fit the offsets")
+    shift_gate: bool = arg(False, "with --shift_classes: train them as a gate per grid cell, 'one shift copies the whole "
+                                  "cell' or 'the pixel classes decide', and decode by the gate's likeliest choice "
+                                  "(README stage 3); off = each pixel sums its own and the shift classes")
+    gate_weight: float = arg(0.25, "with --shift_gate: weight of the gate's loss beside the pixels' (which is ~0.001-0.01 "
+                                   "per pixel for a trained Breakout model, the gate's ~0.1 per cell at its start)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
     freeze_encoder: bool = arg(False, "train the decoder only: the latents, and models trained on them, stay valid")
     merge_codes: str = arg("", "with --init_from: read the encoder's code a as code b, e.g. '3:0,7:6' (codes the decoder "
@@ -116,7 +121,8 @@ class Config:
 
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
-                "codebook_size", "code_dim", "max_colors", "positional", "events", "shift_classes")
+                "codebook_size", "code_dim", "max_colors", "positional", "events", "shift_classes",
+                "shift_gate")
 PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
 
 
@@ -341,6 +347,7 @@ def main(argv=None) -> None:
             state["config"].setdefault(key, old_default)
         state["config"].setdefault("merge_codes", "")
         state["config"].setdefault("events", False)
+        state["config"].setdefault("shift_gate", False)
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE + ("merge_codes",))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -365,7 +372,7 @@ def main(argv=None) -> None:
         if hp.get("event_places"):
             cfg = dataclasses.replace(cfg, events=True)
         if hp.get("shift_offsets"):
-            cfg = dataclasses.replace(cfg, shift_classes=len(hp["shift_offsets"]))
+            cfg = dataclasses.replace(cfg, shift_classes=len(hp["shift_offsets"]), shift_gate=bool(hp.get("shift_gate")))
     else:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
@@ -401,14 +408,15 @@ def main(argv=None) -> None:
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
                               keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
-                              merged_codes(cfg, init_meta, state), places, shifts).to(device)
+                              merged_codes(cfg, init_meta, state), places, shifts, cfg.shift_gate).to(device)
     if init is not None:   # strict=False only for an event table the --init_from weights did not have
         weights = init.state_dict()
         if shifts and not init.shift_offsets:   # new shift classes: the head's last layer gains rows, zero at first
-            head = model.head[-1]
+            head = model.head[-1]                 # (with the gate: the bias the model starts it with)
             n = weights["head.2.bias"].shape[0]
+            new_bias = head.bias[n:].detach() if model.shift_gate else torch.zeros_like(head.bias[n:])
             weights["head.2.weight"] = torch.cat([weights["head.2.weight"], torch.zeros_like(head.weight[n:])])
-            weights["head.2.bias"] = torch.cat([weights["head.2.bias"], torch.zeros_like(head.bias[n:])])
+            weights["head.2.bias"] = torch.cat([weights["head.2.bias"], new_bias])
         missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or set(missing) - {"event_embed.weight"}:
             raise UserError(f"{cfg.init_from}: weights do not fit the model ({(unexpected or missing)[0]} ...)")
@@ -486,7 +494,7 @@ def main(argv=None) -> None:
                 scale = None
                 if cfg.ball_weight:   # the cells the ball can reach from where it is at t (the real frame)
                     scale = 1 + cfg.ball_weight * near_cells(wm_metrics.ball_pixels(history[:, -1], palette.colors))
-                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale)
+                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale, cfg.gate_weight)
                 loss = recon + commit.sum()
                 if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
                     prior_logits = prior(action, history[:, 1:], past_actions)

@@ -284,7 +284,7 @@ class LatentActionModel(nn.Module):
                  enc_width: int = 64, enc_depth: int = 2, num_tokens: int = 1, codebook_size: int = 8,
                  code_dim: int = 32, head_hidden: int = 192, keep_bias: float = 0.0, dead_code: float = 2.0,
                  positional: bool = False, merged_codes: list | None = None, event_places: list | None = None,
-                 shift_offsets: list | None = None):
+                 shift_offsets: list | None = None, shift_gate: bool = False):
         super().__init__()
         merged_codes = [[int(a), int(b)] for a, b in (merged_codes or [])]
         event_places = [[int(r), int(c)] for r, c in (event_places or [])]
@@ -299,7 +299,10 @@ class LatentActionModel(nn.Module):
             self.hparams["event_places"] = event_places
         if shift_offsets:  # likewise
             self.hparams["shift_offsets"] = shift_offsets
+        if shift_offsets and shift_gate:
+            self.hparams["shift_gate"] = True
         self.shift_offsets = shift_offsets
+        self.shift_gate = bool(shift_offsets) and bool(shift_gate)
         self.keep_bias = keep_bias   # added to the keep logit when decoding (keep_bias_for); 0 = raw argmax
         self.num_colors, self.context, self.num_tokens = num_colors, context, num_tokens
         self.codebook_size, self.code_dim, self.positional = codebook_size, code_dim, positional
@@ -338,11 +341,16 @@ class LatentActionModel(nn.Module):
         # Shift classes (optional, README stage 3): one more logit per grid cell and offset d, shared by the
         # cell's 64 pixels, "the pixel shows the last frame's colour at p - d": a moving object is one
         # decision per cell instead of 64 independent ones, so a 2-px ball moves whole or not at all.
+        # Two ways to train and read them: marginal (each pixel's classes are its own colours plus the
+        # shifts; shift_class_loss) or, with shift_gate, a gate per cell that picks "one shift for the whole
+        # cell" or "the pixel classes" (shift_gate_loss; predict_next copies a cell whole where a shift wins).
         # 1x1 convs written as Linear over cells: the same maths, 2x faster on CPU at batch 1.
         self.head = nn.Sequential(nn.Linear(width, head_hidden), nn.SiLU(),
                                   nn.Linear(head_hidden, (num_colors + 1) * CELL * CELL + len(shift_offsets)))
         with torch.no_grad():   # start as "copy the last frame" (GUIDE: copy-last is a strong baseline)
             self.head[-1].bias[:CELL * CELL] += 4.0
+            if self.shift_gate:   # and the gate as "the pixel classes" everywhere (p(each shift) ~ e^-6)
+                self.head[-1].bias[(num_colors + 1) * CELL * CELL:] = -6.0
         self.encoder_frozen = False
         # channels_last: the 3x3 convs run ~14% faster per training step and faster at batch 1 on CPU;
         # loading weights and .to(device) keep the layout, so training and play both get it from here
@@ -441,7 +449,7 @@ class LatentActionModel(nn.Module):
         return src.view(len(last_idx), CELLS, *src.shape[1:])
 
     def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
-                  motion_weight: float, cell_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  motion_weight: float, cell_scale: torch.Tensor | None = None, gate_weight: float = 1.0) -> torch.Tensor:
         """Motion-weighted cross-entropy, computed in the cell layout (no full-image reshuffle).
         `cell_scale` (B, 27, 20), when given, multiplies the weights of each grid cell's pixels. It must be
         read from the input (e.g. near_cells around the ball at t), never from the next frame: a weight that
@@ -451,11 +459,37 @@ class LatentActionModel(nn.Module):
         if cell_scale is not None:
             weight = weight * cell_scale.flatten(1)[..., None]
         weight = weight * to_cells(torch.ones_like(last_idx, dtype=torch.float32))   # 0 on the padding rows
-        if self.shift_offsets:   # several classes can be right: -log of their summed probability
+        if self.shift_offsets and not self.shift_gate:   # several classes can be right: -log of their summed probability
             return (self.shift_class_loss(cells, last_idx, next_idx, target) * weight).sum() / weight.sum()
+        c1 = self.num_colors + 1
         # classes on dim 1 with the 64 pixels contiguous behind them: log-softmax vectorises well
-        ce = F.cross_entropy(cells.flatten(0, 1).float(), target.flatten(0, 1), reduction="none")
-        return (ce * weight.flatten(0, 1)).sum() / weight.sum()
+        ce = F.cross_entropy(cells[:, :, :c1].flatten(0, 1).float(), target.flatten(0, 1), reduction="none")
+        loss = (ce * weight.flatten(0, 1)).sum() / weight.sum()
+        if self.shift_gate:
+            loss = loss + gate_weight * self.shift_gate_loss(cells[:, :, c1:, 0], last_idx, next_idx)
+        return loss
+
+    def shift_gate_targets(self, last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """-> (B, 540, 1 + S) bool: which of the gate's choices give the cell's next content exactly. Choice 0,
+        the pixel classes, is the answer for a cell that does not change and for one no shift explains;
+        shift d is right for a changing cell whose every pixel shows the last frame's colour at p - d."""
+        last_cells, next_cells = to_cells(last_idx), to_cells(next_idx)
+        B = len(last_idx)
+        right = torch.zeros(B, CELLS, 1 + len(self.shift_offsets), dtype=torch.bool, device=last_idx.device)
+        b, c = (next_cells != last_cells).any(-1).nonzero(as_tuple=True)
+        if len(b):   # only the few changing cells need the sources (the padding rows are never compared)
+            inside = ((c // (W // CELL) * CELL)[:, None] + torch.arange(CELL * CELL, device=c.device) // CELL < H)
+            src = cell_sources(last_idx, self.shift_offsets, b, c)
+            right[b, c, 1:] = ((src == next_cells[b, c][:, None]) | ~inside[:, None]).all(2)
+        right[..., 0] = ~right[..., 1:].any(-1)
+        return right
+
+    def shift_gate_loss(self, shifts: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
+        """-log p(a right gate choice), mean over the grid cells (unweighted, so the gate's argmax stays the
+        likeliest choice). The gate's logits: 0 for the pixel classes, then the cell's S shift logits."""
+        logits = torch.cat([torch.zeros_like(shifts[..., :1]), shifts], -1).float()
+        right = self.shift_gate_targets(last_idx, next_idx)
+        return (logits.logsumexp(-1) - logits.masked_fill(~right, float("-inf")).logsumexp(-1)).mean()
 
     def shift_class_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
                          target: torch.Tensor) -> torch.Tensor:
@@ -477,6 +511,9 @@ class LatentActionModel(nn.Module):
     def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """Next frame as palette indices (B, 210, 160) uint8: exactly what is shown and fed back.
         The argmax runs in the cell layout (cheaper than on the reshuffled image)."""
+        if self.shift_gate:
+            pixels, shifts = self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events))
+            return self.decode_gated(pixels, shifts, context_idx[:, -1])
         if self.shift_offsets:
             return self.decode_colours(*self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events)),
                                        context_idx[:, -1])
@@ -506,6 +543,21 @@ class LatentActionModel(nn.Module):
             colour.scatter_add_(1, cell_sources(last_idx, self.shift_offsets, b, c).long(), p[:, self.num_colors + 1:])
             colour.scatter_(1, last, colour.gather(1, last) * boost)
             out[b, c] = colour.argmax(1).to(out.dtype)
+        return from_cells(out)
+
+    def decode_gated(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
+        """With the shift gate: the pixel classes' argmax (keep_bias added, as without shifts), except in the
+        cells whose likeliest gate choice is a shift d: those are copied whole from the last frame at p - d.
+        -> (B, 210, 160) uint8."""
+        pixels = pixels.float().clone()   # not the caller's tensor: the bias is added in place
+        if self.keep_bias:
+            pixels[:, :, 0] += self.keep_bias
+        out = to_cells(apply_change(last_idx, from_cells(pixels.max(2).indices.to(torch.uint8))))
+        top, d = shifts.float().max(-1)
+        b, c = (top > 0).nonzero(as_tuple=True)   # a shift beats the pixel classes' fixed logit 0
+        if len(b):
+            src = cell_sources(last_idx, self.shift_offsets, b, c)
+            out[b, c] = src[torch.arange(len(b), device=b.device), d[b, c]].to(out.dtype)
         return from_cells(out)
 
     def forward(self, context_idx, next_idx, decode_context=None, events=None):

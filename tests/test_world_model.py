@@ -191,6 +191,49 @@ def test_shift_classes_decode_a_moving_object_whole_and_keep_the_calibrated_deci
                        from_cells(colour.argmax(2).to(torch.uint8)))
 
 
+def test_shift_gate_targets_loss_and_decoding_copy_a_moving_object_whole():
+    torch.manual_seed(0)
+    m = tiny_model(keep_bias=keep_bias_for(10.0), shift_offsets=[[4, 6], [0, 8], [-3, 0]], shift_gate=True).eval()
+    assert m.hparams["shift_gate"] and "shift_gate" not in tiny_model(shift_offsets=[[4, 6]]).hparams
+    f = moving_objects(2)
+    last, nxt = f[:1], f[1:]
+    right = m.shift_gate_targets(last, nxt)                               # (1, 540, 1 + 3)
+    changed = (to_cells(last) != to_cells(nxt)).any(-1)[0]
+    ball_cells = to_cells(((last == 1) | (nxt == 1)).float()).amax(-1)[0] > 0
+    paddle_cells = to_cells(((last == 2) | (nxt == 2)).float()).amax(-1)[0] > 0
+    assert changed.any() and torch.equal(right[0, ~changed], torch.tensor([[True, False, False, False]]).expand(int((~changed).sum()), 4))
+    assert right[0, ball_cells & changed, 1].all() and right[0, paddle_cells & changed, 2].all()
+    assert not right[0, ball_cells, 3].any() and right.any(-1).all()    # (-3, 0) does not move the ball; every cell has an answer
+    # a cell whose change no shift explains is the pixel classes' (a pixel that appears from nowhere)
+    odd = nxt.clone()
+    odd[0, 60, 60] = 4
+    assert right.shape == m.shift_gate_targets(last, odd).shape and m.shift_gate_targets(last, odd)[0, 7 * 20 + 7].tolist() == [True, False, False, False]
+    # loss: -log of the gate's summed probability of the right choices, mean over cells; logit 0 = the pixel classes
+    shifts = torch.randn(1, 540, 3)
+    logits = torch.cat([torch.zeros(1, 540, 1), shifts], -1)
+    manual = -(torch.softmax(logits, -1) * right).sum(-1).log().mean()
+    assert m.shift_gate_loss(shifts, last, nxt).item() == pytest.approx(manual.item(), rel=1e-5)
+    # decoding: the pixel classes say "keep" everywhere (they cannot move the objects), the gate picks the shift
+    pixels = torch.full((1, 540, 7, 64), -20.0)
+    pixels[:, :, 0] = 5.0
+    gate = torch.full((1, 540, 3), -5.0)
+    gate[0, ball_cells & changed, 0] = 2.0
+    gate[0, paddle_cells & changed, 1] = 2.0
+    assert torch.equal(m.decode_gated(pixels, gate, last), nxt)
+    # where no shift beats the pixel classes' logit 0, the decision is the plain path's (keep logit + keep_bias)
+    rand = torch.randn(2, 540, 7, 64) * 3
+    ctx = torch.randint(0, 6, (2, 2, 210, 160), dtype=torch.uint8)
+    plain = rand.clone()
+    plain[:, :, 0] += m.keep_bias
+    assert torch.equal(m.decode_gated(rand, torch.full((2, 540, 3), -0.1), ctx[:, -1]),
+                       apply_change(ctx[:, -1], from_cells(plain.max(2).indices.to(torch.uint8))))
+    # the model's own loss is the pixels' cross-entropy plus gate_weight times the gate's
+    cells = torch.cat([pixels, gate[..., None].expand(-1, -1, -1, 64)], 2)
+    base = m.cell_loss(cells, last, nxt, 10.0, gate_weight=0.0)
+    assert m.cell_loss(cells, last, nxt, 10.0, gate_weight=0.5).item() == pytest.approx(
+        base.item() + 0.5 * m.shift_gate_loss(gate, last, nxt).item(), rel=1e-5)
+
+
 def test_keep_bias_is_applied_when_decoding_and_derived_for_older_weights(tmp_path):
     torch.manual_seed(0)
     ctx = torch.randint(0, 6, (2, 2, 210, 160), dtype=torch.uint8)
@@ -342,20 +385,22 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     assert bad.returncode != 0 and "set --turn_focus too" in bad.stderr
 
 
-def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data, tiny_models, tmp_path):
+@pytest.mark.parametrize("gate", [False, True])
+def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data, tiny_models, tmp_path, gate):
     import shutil
 
     import atari_env
     args = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--init-from", tiny_models / "world_model.safetensors",
             "--freeze-encoder", "--shift-classes", 4, "--shift-scan", 2, "--val-every", 3, *TINY_WM[:-6],
-            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled"]
+            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled", *(["--shift-gate"] if gate else [])]
     run_script("train_latent_action.py", *args, "--steps", 3)
     first, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     offsets = meta["hparams"]["shift_offsets"]
     assert 1 <= len(offsets) <= 4 and first.head[-1].out_features == (first.num_colors + 1) * 64 + len(offsets)
-    run_script("train_latent_action.py", *args, "--steps", 6, "--resume")
+    assert first.shift_gate == gate and bool(meta["hparams"].get("shift_gate")) == gate
+    run_script("train_latent_action.py", *args[:-1] if gate else args, "--steps", 6, "--resume")   # the gate stays on
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
-    assert meta["step"] == 6 and meta["hparams"]["shift_offsets"] == offsets
+    assert meta["step"] == 6 and meta["hparams"]["shift_offsets"] == offsets and after.shift_gate == gate
     before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
     n = before.head[-1].out_features   # the old classes start where the --init_from weights left them
     assert not torch.equal(after.head[-1].weight[:n], before.head[-1].weight)
