@@ -333,6 +333,8 @@ def main(argv=None) -> None:
         raise UserError(f"--turn_focus must be in [0, 1), got {cfg.turn_focus}")
     if cfg.fast_ball_px and not cfg.turn_focus:
         raise UserError("--fast_ball_px adds to --turn_focus's draws; set --turn_focus too")
+    if cfg.gate_weight < 0:
+        raise UserError(f"--gate_weight must be >= 0, got {cfg.gate_weight}")
     if cfg.merge_codes and not (cfg.init_from or cfg.resume):
         raise UserError("--merge_codes needs --init_from: it names codes of a trained world model")
     if cfg.prior_from and not (cfg.init_from or cfg.resume):
@@ -372,7 +374,8 @@ def main(argv=None) -> None:
         if hp.get("event_places"):
             cfg = dataclasses.replace(cfg, events=True)
         if hp.get("shift_offsets"):
-            cfg = dataclasses.replace(cfg, shift_classes=len(hp["shift_offsets"]), shift_gate=bool(hp.get("shift_gate")))
+            cfg = dataclasses.replace(cfg, shift_classes=len(hp["shift_offsets"]),   # --shift_gate may turn it on
+                                      shift_gate=cfg.shift_gate or bool(hp.get("shift_gate")))
     else:
         palette = fit_palette(train_files, cfg.max_colors)
     print(f"{len(train_files)} training / {len(val_files)} held-out episodes; palette of {len(palette)} colours")
@@ -405,6 +408,8 @@ def main(argv=None) -> None:
         if not shifts:
             raise UserError(f"--shift_classes: nothing moves in the first {cfg.shift_scan} training episodes of {data_dir}")
         print(f"shift classes (dy, dx): {shifts}")
+    if cfg.shift_gate and not shifts:
+        raise UserError("--shift_gate trains shift classes: set --shift_classes N too")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
                               keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,

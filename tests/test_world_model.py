@@ -383,6 +383,8 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--fast-ball-px", 6,
                      check=False)
     assert bad.returncode != 0 and "set --turn_focus too" in bad.stderr
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--shift-gate", check=False)
+    assert bad.returncode != 0 and "set --shift_classes N too" in bad.stderr
 
 
 @pytest.mark.parametrize("gate", [False, True])
