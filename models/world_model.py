@@ -110,6 +110,14 @@ def cell_sources(last_idx: torch.Tensor, offsets: list, b: torch.Tensor, c: torc
     return torch.where(src == 255, own, src)
 
 
+def shifts_explain(last_idx: torch.Tensor, next_cells: torch.Tensor, offsets: list, b: torch.Tensor,
+                   c: torch.Tensor) -> torch.Tensor:
+    """-> (K, S) bool: for grid cells (b[k], c[k]) and each offset d, whether every pixel of the cell's next
+    content (next_cells (B, 540, 64)) shows the last frame's colour at p - d (the padding rows never count)."""
+    inside = (c // (W // CELL) * CELL)[:, None] + torch.arange(CELL * CELL, device=c.device) // CELL < H
+    return ((cell_sources(last_idx, offsets, b, c) == next_cells[b, c][:, None]) | ~inside[:, None]).all(2)
+
+
 def fit_shift_offsets(last_idx: torch.Tensor, next_idx: torch.Tensor, n: int, reach: int = 12) -> list:
     """The n offsets (dy, dx) that best explain how objects move, from real transitions last -> next
     ((B, 210, 160) palette indices; colour 0, the commonest, is the background). Every grid cell where some
@@ -119,9 +127,7 @@ def fit_shift_offsets(last_idx: torch.Tensor, next_idx: torch.Tensor, n: int, re
     cands = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if (dy, dx) != (0, 0)]
     last_cells, next_cells = to_cells(last_idx), to_cells(next_idx)                       # (B, 540, 64)
     b, c = ((next_cells != last_cells) & (next_cells != 0)).any(-1).nonzero(as_tuple=True)
-    inside = (c // (W // CELL) * CELL)[:, None] + torch.arange(CELL * CELL) // CELL < H   # not the padding rows
-    target = next_cells[b, c]
-    explains = torch.cat([((cell_sources(last_idx, cands[i:i + 24], b, c) == target[:, None]) | ~inside[:, None]).all(2).T
+    explains = torch.cat([shifts_explain(last_idx, next_cells, cands[i:i + 24], b, c).T
                           for i in range(0, len(cands), 24)])                                  # (candidates, K)
     votes = (explains.float() / explains.sum(0).clamp(min=1)).sum(1)
     order = [int(i) for i in votes.argsort(descending=True, stable=True) if votes[i] > 0][:n]
@@ -477,10 +483,8 @@ class LatentActionModel(nn.Module):
         B = len(last_idx)
         right = torch.zeros(B, CELLS, 1 + len(self.shift_offsets), dtype=torch.bool, device=last_idx.device)
         b, c = (next_cells != last_cells).any(-1).nonzero(as_tuple=True)
-        if len(b):   # only the few changing cells need the sources (the padding rows are never compared)
-            inside = ((c // (W // CELL) * CELL)[:, None] + torch.arange(CELL * CELL, device=c.device) // CELL < H)
-            src = cell_sources(last_idx, self.shift_offsets, b, c)
-            right[b, c, 1:] = ((src == next_cells[b, c][:, None]) | ~inside[:, None]).all(2)
+        if len(b):   # only the few changing cells need the sources
+            right[b, c, 1:] = shifts_explain(last_idx, next_cells, self.shift_offsets, b, c)
         right[..., 0] = ~right[..., 1:].any(-1)
         return right
 
@@ -511,17 +515,19 @@ class LatentActionModel(nn.Module):
     def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         """Next frame as palette indices (B, 210, 160) uint8: exactly what is shown and fed back.
         The argmax runs in the cell layout (cheaper than on the reshuffled image)."""
-        if self.shift_gate:
-            pixels, shifts = self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events))
-            return self.decode_gated(pixels, shifts, context_idx[:, -1])
         if self.shift_offsets:
-            return self.decode_colours(*self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events)),
-                                       context_idx[:, -1])
-        cells = self.decode_cells(context_idx, self.codes_to_latent(codes), events)
+            pixels, shifts = self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events))
+            decode = self.decode_gated if self.shift_gate else self.decode_colours
+            return decode(pixels, shifts, context_idx[:, -1])
+        return self.decode_pixels(self.decode_cells(context_idx, self.codes_to_latent(codes), events), context_idx[:, -1])
+
+    def decode_pixels(self, cells: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
+        """The pixel classes' decision: argmax with keep_bias added to the keep logit (in place: `cells` is
+        the caller's scratch). (B, 540, 1 + num_colors, 64) -> (B, 210, 160) uint8."""
         if self.keep_bias:
             cells[:, :, 0] += self.keep_bias
         change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
-        return apply_change(context_idx[:, -1], from_cells(change))
+        return apply_change(last_idx, from_cells(change))
 
     def decode_colours(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
         """With shift classes: each class's probability goes to the colour it gives the pixel (keep: the last
@@ -549,10 +555,7 @@ class LatentActionModel(nn.Module):
         """With the shift gate: the pixel classes' argmax (keep_bias added, as without shifts), except in the
         cells whose likeliest gate choice is a shift d: those are copied whole from the last frame at p - d.
         -> (B, 210, 160) uint8."""
-        pixels = pixels.float().clone()   # not the caller's tensor: the bias is added in place
-        if self.keep_bias:
-            pixels[:, :, 0] += self.keep_bias
-        out = to_cells(apply_change(last_idx, from_cells(pixels.max(2).indices.to(torch.uint8))))
+        out = to_cells(self.decode_pixels(pixels.float().clone(), last_idx))   # clone: the caller's tensor stays
         top, d = shifts.float().max(-1)
         b, c = (top > 0).nonzero(as_tuple=True)   # a shift beats the pixel classes' fixed logit 0
         if len(b):
