@@ -210,7 +210,8 @@ class MetricLogger:
         self.rows: list[dict] = []
         if resume and self.csv_path.exists():
             with open(self.csv_path) as f:
-                self.rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+                # a blank cell is a metric that step did not log: it stays blank when the CSV is rewritten
+                self.rows = [{k: _num(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
         self.run = None
         if mode not in ("offline", "online", "disabled"):
             raise UserError(f"--wandb must be offline, online or disabled, not {mode!r}")
@@ -256,8 +257,11 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) or (hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1)
 
 
-def _num(v: str) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
+def _num(v: str) -> float | int:
+    """A CSV cell read back on resume: integers (the step) stay integers, so the rewritten CSV reads as before."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except (TypeError, ValueError):
+            pass
+    return float("nan")
