@@ -82,4 +82,3 @@ def test_breakout_serves_on_fire_only_some_steps_after_the_ball_is_lost():
         served.append(metrics.ball_position(env.step(1)[0]) is not None)
     assert not any(served[:4]) and all(served[10:])
     assert served == sorted(served)               # once FIRE serves, it always does
-
