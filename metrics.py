@@ -89,9 +89,14 @@ def paddle_left(frame: np.ndarray) -> int | None:
     return best + PLAY_COLS.start if best is not None and best_len >= 4 else None
 
 
+def ball_mask(frame: np.ndarray) -> np.ndarray:
+    """The ball's pixels below the bricks (BALL_ROWS x PLAY_COLS): red there is the ball or debris."""
+    return _red(frame[BALL_ROWS, PLAY_COLS])
+
+
 def ball_position(frame: np.ndarray) -> tuple[float, float] | None:
     """(top row, left column) of the ball when it is visible below the bricks, else None."""
-    pts = np.argwhere(_red(frame[BALL_ROWS, PLAY_COLS]))
+    pts = np.argwhere(ball_mask(frame))
     if len(pts) == 0:
         return None
     return float(pts[:, 0].min() + BALL_ROWS.start), float(pts[:, 1].min() + PLAY_COLS.start)

@@ -27,7 +27,7 @@ import metrics as wm_metrics
 from common import (MetricLogger, UserError, arg, load_checkpoint, parse_config, pick_device, restore_config,
                     run_main, save_checkpoint, save_json, strip_compile_prefix)
 from models.neural_env import START_FRAMES, real_start_frames, save_start_frames
-from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, fit_shift_offsets,
+from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_speckle, fit_shift_offsets, jitter_ball,
                                 keep_bias_for, load_action_to_latent, load_world_model, near_cells, parse_code_merges,
                                 read_weights, save_weights)
 
@@ -71,6 +71,9 @@ class Config:
                                "this many px sideways (metrics.ball_fast_sideways); 0 = off")
     self_forcing: float = arg(0.0, "fraction of each batch whose last context frame is the model's own "
                                    "prediction (no grad): it learns to repair its errors instead of compounding them")
+    ball_jitter: float = arg(0.0, "Breakout: fraction of the batch's decoder contexts whose last frame's ball is moved by up "
+                                  "to --jitter_px or half erased (jitter_ball; README stage 3); the encoder sees clean frames")
+    jitter_px: int = arg(2, "with --ball_jitter: the largest step, in px each way, the ball is moved by")
     context_noise: float = arg(0.0, "fraction of each batch whose decoder context gets persistent stray pixels "
                                     "to erase (add_speckle); the encoder always sees clean frames")
     noise_density: float = arg(0.003, "largest share of pixels a noised context gets")
@@ -171,15 +174,17 @@ def fit_shifts(windows: gd.GameplayWindows, n: int, episodes: int) -> list:
 
 
 @torch.no_grad()
-def self_forced_context(model: LatentActionModel, history: torch.Tensor, fraction: float) -> torch.Tensor:
+def self_forced_context(model: LatentActionModel, palette: Palette, history: torch.Tensor, fraction: float) -> torch.Tensor:
     """history (B, k+1, H, W): frames t-k..t. For a random `fraction` of the batch, frame t is replaced by
-    the model's own prediction of it (teacher-forced latent, argmax, as at play time), so training sees
-    the kind of errors open-loop play feeds back."""
+    the model's own prediction of it (teacher-forced latent and the true event, argmax, as at play time), so
+    training sees the kind of errors open-loop play feeds back. (Without the event a serve would vanish from
+    the replaced frame while the target still shows the ball one step on: it would teach drawing balls from
+    nothing.)"""
     was_training = model.training
     model.eval()   # no codebook EMA / dead-code updates from this extra pass
     before, real_last = history[:, :-1], history[:, -1]
     _, codes, _ = model.encode(before, real_last)
-    pred = model.predict_next(before, codes)
+    pred = model.predict_next(before, codes, model.transition_events(palette, before[:, -1], real_last))
     model.train(was_training)
     use = torch.rand(len(history), device=history.device) < fraction
     last = torch.where(use[:, None, None], pred, real_last)
@@ -327,8 +332,11 @@ def main(argv=None) -> None:
         raise UserError("--action_prior shapes the encoder's latents; it cannot be used with --freeze_encoder")
     if cfg.events and cfg.game != "breakout":
         raise UserError(f"--events needs an event detector for the game; there is one for breakout, not {cfg.game}")
-    if (cfg.ball_weight or cfg.turn_focus) and cfg.game != "breakout":
-        raise UserError(f"--ball_weight and --turn_focus need a ball detector; there is one for breakout, not {cfg.game}")
+    if (cfg.ball_weight or cfg.turn_focus or cfg.ball_jitter) and cfg.game != "breakout":
+        raise UserError(f"--ball_weight, --turn_focus and --ball_jitter need a ball detector; there is one for breakout, "
+                        f"not {cfg.game}")
+    if not 0 <= cfg.ball_jitter <= 1 or cfg.jitter_px < 1:
+        raise UserError(f"--ball_jitter must be in [0, 1] and --jitter_px >= 1, got {cfg.ball_jitter} and {cfg.jitter_px}")
     if not 0 <= cfg.turn_focus < 1:
         raise UserError(f"--turn_focus must be in [0, 1), got {cfg.turn_focus}")
     if cfg.fast_ball_px and not cfg.turn_focus:
@@ -474,6 +482,7 @@ def main(argv=None) -> None:
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
             save_start_frames(out_dir / START_FRAMES, real_start_frames(cfg.game, cfg.context, 8))
 
+    background = int(np.abs(palette.colors.astype(int)).sum(1).argmin())   # --ball_jitter paints over black
     usage = deque(maxlen=50)   # codebook usage over a window of batches, not one batch (GUIDE §4)
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
     t0, last_val = time.time(), best
@@ -491,7 +500,11 @@ def main(argv=None) -> None:
                 events = model.transition_events(palette, history[:, -1], nxt) if model.num_events else None
                 ctx = history[:, 1:]
                 if cfg.self_forcing > 0:
-                    ctx = self_forced_context(model, history, cfg.self_forcing)
+                    ctx = self_forced_context(model, palette, history, cfg.self_forcing)
+                if cfg.ball_jitter > 0:
+                    ball = wm_metrics.ball_pixels(ctx[:, -1], palette.colors)
+                    ctx = torch.cat([ctx[:, :-1], jitter_ball(ctx[:, -1], ball, cfg.ball_jitter, cfg.jitter_px,
+                                                              background)[:, None]], 1)
                 if cfg.context_noise > 0:
                     ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):

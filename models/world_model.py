@@ -147,6 +147,33 @@ def add_speckle(context_idx: torch.Tensor, fraction: float, max_density: float, 
     return torch.where(where[:, None], colors[:, None], context_idx)
 
 
+def jitter_ball(last_idx: torch.Tensor, ball: torch.Tensor, fraction: float, max_px: int, background: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ball-jitter augmentation of the last context frame (B, H, W) palette indices, `ball` its ball pixels
+    (B, H, W) bool (metrics.ball_pixels). For a random `fraction` of the frames with a ball, half of the
+    time the ball moves by a random step of up to `max_px` px each way (onto background pixels only), half
+    of the time a random half of its pixels is erased: the off or broken balls that open-loop play feeds
+    back, after which the decoders lost the ball (README stage 3, session 21). Trained to draw the real
+    next frame from it, the decoder learns to continue such a ball instead of dropping it."""
+    out = last_idx.clone()
+    rand = lambda *shape: torch.rand(*shape, generator=generator)
+    pick = (rand(len(out)) < fraction) & ball.flatten(1).any(1).cpu()
+    for b in pick.nonzero().flatten().tolist():
+        mask, colour = ball[b], out[b][ball[b]][0]
+        out[b][mask] = background
+        if rand(1).item() < 0.5:
+            while True:
+                dy, dx = (torch.randint(-max_px, max_px + 1, (2,), generator=generator)).tolist()
+                if dy or dx:
+                    break
+            moved = torch.roll(mask, (dy, dx), (0, 1))
+            out[b][moved & (out[b] == background)] = colour
+        else:
+            keep = mask & (rand(mask.shape) < 0.5).to(mask.device)
+            out[b][keep] = colour
+    return out
+
+
 def motion_weights(last_idx: torch.Tensor, next_idx: torch.Tensor, weight: float) -> torch.Tensor:
     """1 everywhere, 1 + weight where the pixel changes from t to t+1 (the earlier attempt: 1 + 10·[Δ])."""
     return 1.0 + weight * (last_idx != next_idx).float()

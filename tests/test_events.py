@@ -161,3 +161,28 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
         assert 0 <= info["event"] < wm.num_events
     inner = env.unwrapped   # each frame read once by the event head, kept while it is among the last 8
     assert torch.allclose(inner._summaries, a2l.frame_summaries(inner._ctx), atol=1e-5)
+
+
+def test_self_forcing_redraws_a_serve_with_its_event():
+    """The self-forced frame t is the model's own drawing of t-1 -> t with the true event: at a serve it
+    is drawn with the served ball (the event moves it), not as if nothing had been served."""
+    from models.world_model import Palette
+    from train_latent_action import self_forced_context
+    torch.manual_seed(0)
+    m = tiny(event_places=[[124, 76], [125, 19]]).eval()
+    with torch.no_grad():
+        m.event_embed.weight[1:] = 5 * torch.randn(2, m.code_dim)
+    palette = Palette(np.array([(0, 0, 0), RED, (1, 1, 1), (2, 2, 2), (3, 3, 3), (4, 4, 4)]))
+    frames = [palette.to_index(frame_with_ball()), palette.to_index(frame_with_ball()),
+              palette.to_index(frame_with_ball(124, 76))]                 # frames t-2, t-1, t: a serve at t
+    history = torch.as_tensor(np.stack(frames))[None]
+    seen, predict = [], m.predict_next
+    m.predict_next = lambda ctx, codes, events=None: seen.append(events) or predict(ctx, codes, events)
+    forced = self_forced_context(m, palette, history, fraction=1.0)
+    assert [e.tolist() for e in seen] == [[1]]                            # the serve's event, at (124, 76)
+    before = history[:, :-1]
+    _, codes, _ = m.encode(before, history[:, -1])
+    assert torch.equal(forced[:, 0], history[:, 1])                       # the older frame stays real
+    assert torch.equal(forced[:, -1], predict(before, codes, torch.tensor([1])))
+    kept = self_forced_context(m, palette, history, fraction=0.0)
+    assert torch.equal(kept, history[:, 1:])

@@ -255,3 +255,28 @@ def test_encoder_latent_rollouts_use_each_real_transition(tiny_data, tiny_models
     with pytest.raises(UserError, match="--readme"):
         import evaluate_world_model
         evaluate_world_model.main(["--latents", "encoder", "--readme", str(tmp_path / "README.md")])
+
+
+def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ball_losses", "benchmarks/ball_losses.py")
+    ball_losses = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ball_losses)
+
+    def frame(row=None, col=None, width=2):
+        f = np.zeros((210, 160, 3), np.uint8)
+        if row is not None:
+            f[row:row + 4, col:col + width] = (200, 72, 72)
+        return f
+
+    real = np.stack([frame(150, 40), frame(146, 46), frame(142, 52), frame(138, 58)])
+    assert ball_losses.first_loss(real.copy(), real) is None                       # the dream keeps it
+    dream = np.stack([frame(150, 40), frame(146, 46), frame(142, 52, width=1), frame()])
+    assert ball_losses.first_loss(dream, real) == {"step": 3, "before": "off or partial", "where": "mid-field"}
+    dream[2] = real[2]
+    assert ball_losses.first_loss(dream, real)["before"] == "exact"
+    assert ball_losses.first_loss(np.stack([frame()] * 4), real)["before"] == "first step (real context)"
+    served = np.stack([frame(), frame(), frame(124, 76), frame(190, 76)])         # a serve the dream misses
+    assert ball_losses.first_loss(np.stack([frame()] * 4), served)["before"] == "no ball before (a serve not drawn)"
+    assert metrics.ball_position(frame(95, 20)) == (95.0, 20.0) and ball_losses.first_loss(
+        np.stack([frame()]), np.stack([frame(95, 20)]))["where"] == "at the bricks"

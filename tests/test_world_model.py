@@ -514,3 +514,29 @@ def test_circle_colour_codes_let_one_linear_step_single_out_any_colour():
         assert not codes.requires_grad
         assert ((codes @ codes.T).argmax(1) == torch.arange(n)).all()
         assert torch.cdist(codes, codes).add(torch.eye(n) * 9).min() > 0.2
+
+
+def test_jitter_ball_moves_or_breaks_only_the_ball():
+    from models.world_model import jitter_ball
+    frames = torch.zeros(64, 210, 160, dtype=torch.uint8)
+    frames[:, 190:194, 60:76] = 3                                 # the paddle: never touched
+    frames[:32, 150:154, 40:42] = 3                               # a ball (same red index) in half of them
+    ball = torch.zeros_like(frames, dtype=torch.bool)
+    ball[:32, 150:154, 40:42] = True
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(jitter_ball(frames, ball, 0.0, 2, 0, g), frames)
+    out = jitter_ball(frames, ball, 1.0, 2, 0, g)
+    assert torch.equal(out[32:], frames[32:])                     # no ball: nothing to jitter
+    assert torch.equal(out[:, 190:194], frames[:, 190:194])
+    moved = broken = 0
+    for o, f in zip(out[:32], frames[:32]):
+        on = (o == 3) & ~((f == 3) & ~ball[0])                    # the ball's pixels after
+        assert not torch.equal(o, f)
+        rows, cols = on.nonzero().T
+        if on.sum() == 8:                                         # moved whole, by at most 2 px each way
+            moved += 1
+            assert (rows.min() - 150).abs() <= 2 and (cols.min() - 40).abs() <= 2
+        else:                                                     # broken: a subset of its pixels left
+            broken += 1
+            assert on.sum() < 8 and (on & ~ball[0]).sum() == 0
+    assert moved > 5 and broken > 5
