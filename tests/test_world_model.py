@@ -364,7 +364,7 @@ def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
 def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_models, tmp_path):
     run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 6, "--val-every", 6,
                "--init-from", tiny_models / "world_model.safetensors", "--freeze-encoder", "--context-noise", 0.5,
-               "--ball-weight", 4, "--turn-focus", 0.3, "--fast-ball-px", 6,
+               "--ball-weight", 4, "--turn-focus", 0.3, "--fast-ball-px", 6, "--ball-jitter", 0.5, "--self-forcing", 0.5,
                "--lr", "1e-2", *TINY_WM[:-6], "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled")
     before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
@@ -375,6 +375,7 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     assert not all(torch.equal(a[k], b[k]) for k in b if k.startswith(("dec.", "head.")))
     assert meta["config"]["freeze_encoder"] and meta["hparams"]["width"] == before.hparams["width"]
     assert meta["config"]["ball_weight"] == 4 and meta["config"]["turn_focus"] == 0.3 and meta["config"]["fast_ball_px"] == 6
+    assert meta["config"]["ball_jitter"] == 0.5 and meta["config"]["self_forcing"] == 0.5
     report = json.loads((tmp_path / "world_model_metrics.json").read_text())
     assert 0 <= report["ball_whole@1"] <= report["ball_in_place@1"] <= 1   # the random episodes show a ball
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--turn-focus", 1,
@@ -383,6 +384,9 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--fast-ball-px", 6,
                      check=False)
     assert bad.returncode != 0 and "set --turn_focus too" in bad.stderr
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--ball-jitter", 2,
+                     check=False)
+    assert bad.returncode != 0 and "--ball_jitter must be in [0, 1]" in bad.stderr
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--shift-gate", check=False)
     assert bad.returncode != 0 and "set --shift_classes N too" in bad.stderr
 
