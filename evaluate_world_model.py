@@ -74,6 +74,17 @@ class EmulatorReplay:
         return frames
 
 
+def held_out_starts(data_dir: Path, k: int, cfg: Config) -> tuple[list, list[dict], list[tuple[int, int]], np.random.Generator]:
+    """The held-out episodes (files, loaded) and the evaluation's start points in them, drawn by cfg.seed;
+    returns the generator too, which the evaluation goes on drawing random keys from."""
+    files = gd.split_episodes(data_dir, "val", cfg.val_percent)
+    eps = [gd.load_episode(f) for f in files]
+    rng = np.random.default_rng(cfg.seed)
+    # starts need the decoder's context of real frames (the same starts whatever stage 5 sees); a longer
+    # history for stage 5 repeats the episode's first frame before its start, as in training
+    return files, eps, pick_starts(files, [len(e["actions"]) for e in eps], k, cfg.horizon, cfg.starts, rng), rng
+
+
 def pick_starts(files, lengths, k: int, horizon: int, n: int, rng) -> list[tuple[int, int]]:
     cands = [(e, s) for e, T in enumerate(lengths) for s in range(k - 1, T - horizon + 1, 8)]
     if not cands:
@@ -94,12 +105,7 @@ def main(argv=None) -> None:
     k, n_actions, n_past = env.context_length, env.action_space.n, env.a2l.past_actions
     if cfg.keep_bias >= 0:
         env.world_model.keep_bias = cfg.keep_bias
-    files = gd.split_episodes(data_dir, "val", cfg.val_percent)
-    eps = [gd.load_episode(f) for f in files]
-    rng = np.random.default_rng(cfg.seed)
-    # starts need the decoder's context of real frames (the same starts whatever stage 5 sees); a longer
-    # history for stage 5 repeats the episode's first frame before its start, as in training
-    starts = pick_starts(files, [len(e["actions"]) for e in eps], env.world_model.context, cfg.horizon, cfg.starts, rng)
+    files, eps, starts, rng = held_out_starts(data_dir, env.world_model.context, cfg)
 
     H = cfg.horizon
     sq = {m: np.zeros(H) for m in ("model", "copy", "random")}

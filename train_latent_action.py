@@ -482,7 +482,6 @@ def main(argv=None) -> None:
         if not (out_dir / START_FRAMES).exists():   # real start frames the neural env resets to
             save_start_frames(out_dir / START_FRAMES, real_start_frames(cfg.game, cfg.context, 8))
 
-    background = int(np.abs(palette.colors.astype(int)).sum(1).argmin())   # --ball_jitter paints over black
     usage = deque(maxlen=50)   # codebook usage over a window of batches, not one batch (GUIDE §4)
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True)
     t0, last_val = time.time(), best
@@ -503,8 +502,7 @@ def main(argv=None) -> None:
                     ctx = self_forced_context(model, palette, history, cfg.self_forcing)
                 if cfg.ball_jitter > 0:
                     ball = wm_metrics.ball_pixels(ctx[:, -1], palette.colors)
-                    ctx = torch.cat([ctx[:, :-1], jitter_ball(ctx[:, -1], ball, cfg.ball_jitter, cfg.jitter_px,
-                                                              background)[:, None]], 1)
+                    ctx = torch.cat([ctx[:, :-1], jitter_ball(ctx[:, -1], ball, cfg.ball_jitter, cfg.jitter_px)[:, None]], 1)
                 if cfg.context_noise > 0:
                     ctx = add_speckle(ctx, cfg.context_noise, cfg.noise_density, len(palette))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):

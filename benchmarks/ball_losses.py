@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import atari_env  # noqa: E402
 import gameplay_data as gd  # noqa: E402
 import metrics  # noqa: E402
-from evaluate_world_model import Config as EvalConfig, EmulatorReplay, pick_starts  # noqa: E402
+from evaluate_world_model import Config as EvalConfig, EmulatorReplay, held_out_starts  # noqa: E402
 
 
 def first_loss(dream: np.ndarray, real: np.ndarray) -> dict | None:
@@ -57,11 +57,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     envs = [atari_env.make_neural_env("breakout", f, "cpu") for f in args.folders]
-    k = envs[0].world_model.context
-    files = gd.split_episodes(Path(args.data_dir), "val", EvalConfig.val_percent)
-    eps = [gd.load_episode(f) for f in files]
-    rng = np.random.default_rng(EvalConfig.seed)
-    starts = pick_starts(files, [len(e["actions"]) for e in eps], k, EvalConfig.horizon, args.starts, rng)
+    _, eps, starts, _ = held_out_starts(Path(args.data_dir), envs[0].world_model.context, EvalConfig(starts=args.starts))
     losses = [[] for _ in envs]
     for e, s in tqdm(starts, desc="starts", unit="start"):
         ep = eps[e]

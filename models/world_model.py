@@ -147,14 +147,15 @@ def add_speckle(context_idx: torch.Tensor, fraction: float, max_density: float, 
     return torch.where(where[:, None], colors[:, None], context_idx)
 
 
-def jitter_ball(last_idx: torch.Tensor, ball: torch.Tensor, fraction: float, max_px: int, background: int,
+def jitter_ball(last_idx: torch.Tensor, ball: torch.Tensor, fraction: float, max_px: int, background: int = 0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Ball-jitter augmentation of the last context frame (B, H, W) palette indices, `ball` its ball pixels
     (B, H, W) bool (metrics.ball_pixels). For a random `fraction` of the frames with a ball, half of the
     time the ball moves by a random step of up to `max_px` px each way (onto background pixels only), half
     of the time a random half of its pixels is erased: the off or broken balls that open-loop play feeds
     back, after which the decoders lost the ball (README stage 3, session 21). Trained to draw the real
-    next frame from it, the decoder learns to continue such a ball instead of dropping it."""
+    next frame from it, the decoder learns to continue such a ball instead of dropping it. `background`:
+    the colour the ball leaves behind, by default colour 0 (the palette's commonest: Breakout's black)."""
     out = last_idx.clone()
     rand = lambda *shape: torch.rand(*shape, generator=generator)
     pick = (rand(len(out)) < fraction) & ball.flatten(1).any(1).cpu()
