@@ -2,6 +2,13 @@
 
     python benchmarks/play_speed.py                 # shipped Breakout weights, CPU, 1 and 2 threads
     python benchmarks/play_speed.py breakout <dir>  # the weights in another checkpoint folder
+
+The decoder is timed on the steps of a recorded dream (random keys from the shipped start frames), once
+recomputing the whole grid every step (LatentActionModel.predict_next) and once with the cache that
+recomputes only where the frames changed (models/cached_decoder.py, the CPU default in play), each on the
+same steps in the same order, and the two decoders' frames are compared. A decoder timed on one frozen
+frame would flatter the cache (nothing changes); a dream's steps are what play feeds it. The full play
+chain (play_sps) is env.step with random keys, with and without the cache.
 """
 from __future__ import annotations
 
@@ -14,32 +21,63 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import atari_env  # noqa: E402
+from models.cached_decoder import CachedDecoder  # noqa: E402
+
+EPISODES, STEPS = 4, 250   # the recorded dream: 4 starts x 250 steps
 
 
-def measure(env, fn, seconds: float = 5.0) -> float:
+def record_dream(env) -> list:
+    """[(context, codes, event)] of every decoder call in EPISODES dreams of STEPS random keys."""
+    calls, predict = [], env.world_model.predict_next
+    env.world_model.predict_next = lambda ctx, codes, events=None: calls.append((ctx, codes, events)) or predict(ctx, codes, events)
+    rng = np.random.default_rng(0)
+    for ep in range(EPISODES):
+        env.reset(seed=ep)
+        for _ in range(STEPS):
+            env.step(int(rng.integers(env.action_space.n)))
+    env.world_model.predict_next = predict
+    return calls
+
+
+def time_decoder(predict, calls) -> tuple[float, list]:
+    frames, t0 = [], time.perf_counter()
+    for ctx, codes, events in calls:
+        frames.append(predict(ctx, codes, events))
+    return len(calls) / (time.perf_counter() - t0), frames
+
+
+def play_sps(env, seconds: float = 5.0) -> float:
+    rng = np.random.default_rng(1)
+    env.reset(seed=0)
     for _ in range(10):
-        fn()
+        env.step(int(rng.integers(env.action_space.n)))
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        fn()
+        env.step(int(rng.integers(env.action_space.n)))
         n += 1
     return n / (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
     game = sys.argv[1] if len(sys.argv) > 1 else "breakout"
-    env = atari_env.make_neural_env(game, sys.argv[2] if len(sys.argv) > 2 else None, device="cpu")
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    ctx = env._ctx
-    codes = torch.zeros(1, env.world_model.num_tokens, dtype=torch.long)
-    wm = env.world_model
+    folder = sys.argv[2] if len(sys.argv) > 2 else None
+    envs = {cached: atari_env.make_neural_env(game, folder, device="cpu", cached_decoder=cached) for cached in (False, True)}
+    wm = envs[False].world_model
+    torch.set_num_threads(2)
+    calls = record_dream(envs[False])
     for threads in (1, 2):
         torch.set_num_threads(threads)
         with torch.inference_mode():
-            dec = measure(env, lambda: wm.predict_next(ctx, codes))
-        chain = measure(env, lambda: env.step(int(rng.integers(env.action_space.n))))
-        print(f"{threads} thread(s): decoder {dec:6.1f} steps/s, full play chain (play_sps) {chain:6.1f} steps/s")
+            full, full_frames = time_decoder(wm.predict_next, calls)
+            cache = CachedDecoder(wm)
+            cached, cached_frames = time_decoder(cache.predict_next, calls)
+        differ = sum(int((a != b).sum()) for a, b in zip(full_frames, cached_frames))
+        sps = {c: play_sps(envs[c]) for c in (False, True)}
+        print(f"{threads} thread(s): decoder {full:6.1f} steps/s whole grid, {cached:6.1f} cached "
+              f"({cache.cells_computed / len(calls) / (2 * len(wm.dec.blocks) * 540):.0%} of the grid's conv cells a step; "
+              f"{differ} of {len(calls) * 210 * 160:,} pixels differ); full play chain (play_sps) "
+              f"{sps[False]:6.1f} whole grid, {sps[True]:6.1f} cached")
     n_dec = sum(p.numel() for n, p in wm.named_parameters() if not n.startswith(("enc", "vq")))
-    n_a2l = sum(p.numel() for p in env.a2l.parameters())
-    print(f"decoder parameters {n_dec:,}; action->latent parameters {n_a2l:,}")
+    n_a2l = sum(p.numel() for p in envs[False].a2l.parameters())
+    print(f"decoder parameters {n_dec:,}; action->latent parameters {n_a2l:,}; "
+          f"dream: {EPISODES} starts x {STEPS} random-key steps, {len(calls)} decoder calls")

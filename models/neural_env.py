@@ -21,6 +21,7 @@ import torch
 
 import gameplay_data as gd
 from common import UserError, pick_device
+from models.cached_decoder import CachedDecoder
 from models.world_model import H, W, last_frames, load_action_to_latent, load_world_model
 
 START_FRAMES = "start_frames.safetensors"
@@ -31,7 +32,8 @@ class NeuralAtariEnv(gym.Env):
 
     def __init__(self, game: str = "breakout", checkpoint_dir: str | Path | None = None, device: str = "auto",
                  temperature: float | None = None, max_episode_steps: int | None = None,
-                 render_mode: str | None = "rgb_array", compile: bool = False, threads: int | None = None):
+                 render_mode: str | None = "rgb_array", compile: bool = False, threads: int | None = None,
+                 cached_decoder: bool | None = None):
         self.game = game
         ckpt = Path(checkpoint_dir or Path(__file__).resolve().parent.parent / "checkpoints" / game)
         self.device = pick_device(device)
@@ -55,6 +57,10 @@ class NeuralAtariEnv(gym.Env):
         self._generator = torch.Generator(device="cpu")
         if compile and self.device.type == "cuda":
             self.world_model.decode_cells = torch.compile(self.world_model.decode_cells)
+        # the decoder step recomputed only where the frames changed (models/cached_decoder.py): the same
+        # frames, fewer FLOPs; the default on the CPU, where the step is compute-bound (None = that default)
+        use_cache = self.device.type == "cpu" if cached_decoder is None else cached_decoder
+        self.cached_decoder = CachedDecoder(self.world_model) if use_cache else None
 
     def _load_start_frames(self, path: Path) -> np.ndarray | None:
         if not path.exists():
@@ -108,7 +114,7 @@ class NeuralAtariEnv(gym.Env):
             codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past,
                                                 summaries=self._summaries)
             self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)
-            self._push(self.world_model.predict_next(self._ctx, codes, event))
+            self._push(self._predict(codes, event))
         self._steps += 1
         truncated = self.max_episode_steps is not None and self._steps >= self.max_episode_steps
         return self._obs(), 0.0, False, truncated, {"step": self._steps, "latent": codes[0].tolist(),
@@ -118,9 +124,13 @@ class NeuralAtariEnv(gym.Env):
         """Advance with explicit latent codes and event (evaluation: random latents, teacher forcing)."""
         with torch.inference_mode():
             c = torch.as_tensor(codes, device=self.device).view(1, -1)
-            self._push(self.world_model.predict_next(self._ctx, c, torch.tensor([int(event)], device=self.device)))
+            self._push(self._predict(c, torch.tensor([int(event)], device=self.device)))
         self._steps += 1
         return self._obs()
+
+    def _predict(self, codes: torch.Tensor, event: torch.Tensor | None) -> torch.Tensor:
+        decoder = self.cached_decoder or self.world_model
+        return decoder.predict_next(self._ctx, codes, event)
 
     def _push(self, nxt: torch.Tensor) -> None:
         """The new frame (1, 210, 160) becomes the last of the history (and of the event head's readings)."""

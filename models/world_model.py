@@ -75,14 +75,15 @@ class Palette:
 
 def to_cells(img: torch.Tensor) -> torch.Tensor:
     """(B, 210, 160) -> (B, 540, 64): pad to 216 rows, then one row per 8x8 grid cell."""
-    x = F.pad(img, (0, 0, 0, PAD_H))[:, None]
-    return F.pixel_unshuffle(x, CELL).flatten(2).transpose(1, 2)
+    # a view and one copy (pixel_unshuffle does the same reshuffle ~3x slower on uint8 frames, session 22's VM)
+    x = F.pad(img, (0, 0, 0, PAD_H)).view(img.shape[0], (H + PAD_H) // CELL, CELL, W // CELL, CELL)
+    return x.permute(0, 1, 3, 2, 4).reshape(img.shape[0], CELLS, CELL * CELL)
 
 
 def from_cells(cells: torch.Tensor) -> torch.Tensor:
     """(B, 540, 64) -> (B, 210, 160); inverse of to_cells."""
-    x = cells.transpose(1, 2).reshape(cells.shape[0], CELL * CELL, (H + PAD_H) // CELL, W // CELL)
-    return F.pixel_shuffle(x, CELL)[:, 0, :H]
+    x = cells.reshape(cells.shape[0], (H + PAD_H) // CELL, W // CELL, CELL, CELL).permute(0, 1, 3, 2, 4)
+    return x.reshape(cells.shape[0], H + PAD_H, W)[:, :H]
 
 
 def change_target(last_idx: torch.Tensor, next_idx: torch.Tensor) -> torch.Tensor:
@@ -209,13 +210,17 @@ class FrameEmbed(nn.Module):
                 self.embed.weight.zero_()
                 self.embed.weight[:, :2] = 1.5 * torch.stack([angle.cos(), angle.sin()], 1)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def cells(idx: torch.Tensor) -> torch.Tensor:
+        """(B, k, 210, 160) -> (B, 27, 20, k*64): the uint8 space-to-depth layout the embedding reads."""
         B, k = idx.shape[:2]
         x = F.pad(idx, (0, 0, 0, PAD_H)).view(B, k, (H + PAD_H) // CELL, CELL, W // CELL, CELL)
-        cells = x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H + PAD_H) // CELL, W // CELL, k * CELL * CELL)
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H + PAD_H) // CELL, W // CELL, k * CELL * CELL)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
         # built channels-last from the start: the convs run channels_last, and converting this, the
         # widest tensor of the model, cost ~20% of a training step (README, stage 3)
-        return self.embed(cells.long()).flatten(3)
+        return self.embed(self.cells(idx).long()).flatten(3)
 
 
 class ResBlock(nn.Module):
@@ -549,24 +554,42 @@ class LatentActionModel(nn.Module):
             return decode(pixels, shifts, context_idx[:, -1])
         return self.decode_pixels(self.decode_cells(context_idx, self.codes_to_latent(codes), events), context_idx[:, -1])
 
-    def decode_pixels(self, cells: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
-        """The pixel classes' decision: argmax with keep_bias added to the keep logit (in place: `cells` is
-        the caller's scratch). (B, 540, 1 + num_colors, 64) -> (B, 210, 160) uint8."""
+    def pixel_changes(self, cells: torch.Tensor) -> torch.Tensor:
+        """The pixel classes' decision, (B, n, 1 + num_colors, 64) -> (B, n, 64) uint8 change classes: argmax with
+        keep_bias added to the keep logit (in place: `cells` is the caller's scratch)."""
         if self.keep_bias:
             cells[:, :, 0] += self.keep_bias
-        change = cells.max(2).indices.to(torch.uint8)                                # (B, 540, 64)
-        return apply_change(last_idx, from_cells(change))
+        return cells.max(2).indices.to(torch.uint8)
 
-    def decode_colours(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
+    def decode_pixels(self, cells: torch.Tensor | None, last_idx: torch.Tensor, change: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_changes applied to the last frame (`change`: those, when the caller has them already).
+        (B, 540, 1 + num_colors, 64) -> (B, 210, 160) uint8."""
+        return apply_change(last_idx, from_cells(self.pixel_changes(cells) if change is None else change))
+
+    def uncertain_cells(self, pixels: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """-> (B, n) bool: the cells of (B, n, 1 + num_colors, 64) pixel and (B, n, S) shift logits with a pixel
+        whose keep class is not sure enough to keep its colour (decode_colours); a function of the cell's own
+        logits alone, so models.cached_decoder keeps it per cell."""
+        # p(keep) <= 1 / (1 + boost)  <=>  sum over classes of exp(logit - keep logit) >= 1 + boost (one exp pass,
+        # no logsumexp; the shifts' per-cell logsumexp is their part of the sum)
+        pixels, shifts = pixels.float(), shifts.float()
+        keep = pixels[:, :, :1]
+        odds = (pixels - keep).exp().sum(2) + (shifts.logsumexp(2, keepdim=True) - keep[:, :, 0]).exp()
+        return (odds >= 1 + math.exp(self.keep_bias)).any(-1)
+
+    def decode_colours(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor,
+                       uncertain: torch.Tensor | None = None) -> torch.Tensor:
         """With shift classes: each class's probability goes to the colour it gives the pixel (keep: the last
         colour; 1 + c: colour c; shift d: the last frame's colour at p - d) and the likeliest colour wins, the
         last colour's probability first multiplied by exp(keep_bias) = 1 + motion weight (the loss weighs
         outcomes, and the outcome is the colour). A pixel whose keep class alone has p > 1 / (1 + exp(keep_bias))
         keeps its colour whatever the rest says, so only the cells with a pixel below that are summed up
-        (a median of 4 of 540 a step in play, README design notes). -> (B, 210, 160) uint8."""
+        (a median of 4 of 540 a step in play, README design notes). `uncertain`: those cells (uncertain_cells),
+        when the caller has them already. -> (B, 210, 160) uint8."""
         boost = math.exp(self.keep_bias)
-        every = torch.logaddexp(pixels.float().logsumexp(2), shifts.float().logsumexp(2)[..., None])   # (B, 540, 64)
-        b, c = ((pixels[:, :, 0].float() - every).exp() <= 1 / (1 + boost)).any(-1).nonzero(as_tuple=True)
+        if uncertain is None:
+            uncertain = self.uncertain_cells(pixels, shifts)
+        b, c = uncertain.nonzero(as_tuple=True)
         out = to_cells(last_idx)
         if len(b):
             k = torch.cat([pixels[b, c].float(), shifts[b, c].float()[..., None].expand(-1, -1, CELL * CELL)], 1)
@@ -579,13 +602,23 @@ class LatentActionModel(nn.Module):
             out[b, c] = colour.argmax(1).to(out.dtype)
         return from_cells(out)
 
-    def decode_gated(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def gate_choices(shifts: torch.Tensor) -> torch.Tensor:
+        """(B, n, S) gate logits -> (B, n) the shift each cell copies, -1 where the pixel classes win (a shift
+        must beat their fixed logit 0)."""
+        top, d = shifts.float().max(-1)
+        return d.masked_fill(top <= 0, -1)
+
+    def decode_gated(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor,
+                     change: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """With the shift gate: the pixel classes' argmax (keep_bias added, as without shifts), except in the
         cells whose likeliest gate choice is a shift d: those are copied whole from the last frame at p - d.
-        -> (B, 210, 160) uint8."""
-        out = to_cells(self.decode_pixels(pixels.float().clone(), last_idx))   # clone: the caller's tensor stays
-        top, d = shifts.float().max(-1)
-        b, c = (top > 0).nonzero(as_tuple=True)   # a shift beats the pixel classes' fixed logit 0
+        `change`, `gate`: pixel_changes and gate_choices, when the caller has them already. -> (B, 210, 160) uint8."""
+        if change is None:
+            change = self.pixel_changes(pixels.float().clone())   # clone: the caller's tensor stays
+        out = to_cells(self.decode_pixels(None, last_idx, change))
+        d = self.gate_choices(shifts) if gate is None else gate
+        b, c = (d >= 0).nonzero(as_tuple=True)
         if len(b):
             src = cell_sources(last_idx, self.shift_offsets, b, c)
             out[b, c] = src[torch.arange(len(b), device=b.device), d[b, c]].to(out.dtype)

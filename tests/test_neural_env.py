@@ -36,6 +36,22 @@ def test_neural_env_passes_gymnasium_checker_and_validates_input(tiny_models):
         env.step(9)
 
 
+def test_neural_env_draws_the_same_dream_with_and_without_the_cached_decoder(tiny_models):
+    envs = [atari_env.make_neural_env("breakout", tiny_models, "cpu", cached_decoder=c) for c in (False, True)]
+    assert envs[0].unwrapped.cached_decoder is None and envs[1].unwrapped.cached_decoder is not None
+    assert atari_env.make_neural_env("breakout", tiny_models, "cpu").unwrapped.cached_decoder is not None   # CPU default
+    rng = np.random.default_rng(0)
+    keys = rng.integers(4, size=40)
+    dreams = []
+    for env in envs:
+        with torch.no_grad():   # a few training steps leave a decoder that copies the last frame: make it draw
+            env.unwrapped.world_model.head[-1].weight.mul_(30)
+        env.reset(seed=3)
+        dreams.append([env.step(int(a))[0] for a in keys] + [env.unwrapped.step_latent([1], event=0)])
+    assert all(np.array_equal(a, b) for a, b in zip(*dreams))
+    assert any(not np.array_equal(dreams[1][0], f) for f in dreams[1][1:])   # the dream moves
+
+
 def test_neural_env_feeds_the_past_actions_to_the_action_to_latent_model(tiny_models, monkeypatch):
     env = atari_env.make_neural_env("breakout", tiny_models, "cpu")
     n = env.unwrapped.a2l.past_actions

@@ -50,3 +50,16 @@ def test_shipped_breakout_paddle_leaves_the_right_wall(taps):
     assert real_x is not None and real_x < 130, "the real paddle should have left the right wall"
     assert model_x is not None and model_x < 130, f"the dream's paddle is stuck at the right wall ({model_x})"
     assert abs(model_x - real_x) <= 24, f"dream paddle at {model_x}, real at {real_x}"
+
+
+def test_shipped_model_dreams_the_same_with_and_without_the_cached_decoder():
+    """The CPU default recomputes only where the frames changed (models/cached_decoder.py): over a dream of
+    random keys with the shipped weights (shift classes, events), every frame is the whole-grid decoder's."""
+    envs = [atari_env.make_neural_env("breakout", device="cpu", cached_decoder=c) for c in (False, True)]
+    keys = np.random.default_rng(0).integers(4, size=60)
+    dreams = []
+    for env in envs:
+        env.reset(seed=1)
+        dreams.append([env.step(int(k))[0] for k in keys])
+    assert all(np.array_equal(a, b) for a, b in zip(*dreams))
+    assert envs[1].unwrapped.cached_decoder.cells_computed < 0.5 * 6 * 540 * len(keys)   # it did compute less
