@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from models.world_model import CELL, H, PAD_H, W, LatentActionModel
 
 GH, GW = (H + PAD_H) // CELL, W // CELL   # the 27x20 grid
+MANY_CHANGES = 48   # change_boxes: more changed cells than this get one box (dream steps: median 14, at most 32)
 
 
 def grow(box: tuple, n: int) -> tuple:
@@ -45,8 +46,13 @@ def changed_cells(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def change_boxes(changed: torch.Tensor, reach: int) -> list:
     """(27, 20) bool of changed cells -> boxes covering them, one per cluster: cells whose boxes grown by
     `reach` (the cells their change can reach) overlap share one box, so no output cell is computed twice
-    for the same change, and far-apart changes (the ball, the paddle) do not pay for the space between them."""
+    for the same change, and far-apart changes (the ball, the paddle) do not pay for the space between them.
+    Beyond MANY_CHANGES cells (a new start, a cut) one box around them all: the greedy merge is cubic in the
+    number of boxes, and a change that large costs about the whole grid anyway."""
     boxes = [(y, y + 1, x, x + 1) for y, x in changed.nonzero().tolist()]
+    if len(boxes) > MANY_CHANGES:
+        ys, xs = [b[0] for b in boxes], [b[2] for b in boxes]
+        return [(min(ys), max(ys) + 1, min(xs), max(xs) + 1)]
     merged = True
     while merged and len(boxes) > 1:
         merged = False
@@ -65,7 +71,7 @@ def change_boxes(changed: torch.Tensor, reach: int) -> list:
 
 class _Cache:
     """One latent's state: its FiLM (scale, shift) per block, every layer's activations on the grid with a
-    zero border (what the convolutions pad with), the head's logits per cell, which cells are uncertain,
+    zero border (what the convolutions pad with), the head's logits and the decoding's decisions per cell,
     and the context frames they were computed from."""
 
     def __init__(self, film: list, acts: list, logits: torch.Tensor, decisions: dict):

@@ -76,6 +76,9 @@ def test_change_boxes_cover_every_changed_cell_and_keep_far_changes_apart():
     changed[7, 6] = True                          # within reach of the ball's box: merged into it
     assert sorted(change_boxes(changed, reach=2)) == [(3, 8, 4, 7), (25, 26, 15, 16)]
     assert change_boxes(torch.zeros(GH, GW, dtype=torch.bool), reach=2) == []
+    changed = torch.zeros(GH, GW, dtype=torch.bool)
+    changed[2:20:2, 1:19:2] = True                # a new start: 81 scattered cells, one box around them all
+    assert change_boxes(changed, reach=2) == [(2, 19, 1, 18)]
 
 
 def test_a_batch_goes_through_predict_next():
