@@ -6,73 +6,125 @@ brick and the score. Every decoder layer is per cell (the embedding, the project
 convolution, so a cell's logits can only change within `2 * depth` cells of a cell whose context frames
 changed. CachedDecoder keeps every layer's activations from the last step that used the same latent (FiLM
 conditions each block on the latent, so there is one cache per (codes, event)), compares the context with
-the one that cache was made from, and recomputes each layer on boxes around the changed cells only, growing
-the boxes by one cell per convolution. It computes the same function: its frames equal predict_next's
-(tests/test_cached_decoder.py; the sums can differ in float rounding, which an argmax sees only at an exact
-tie). Used on the CPU, where the step is compute-bound (benchmarks/play_speed.py measures both).
-What each decoding reads of a cell's logits is a function of those logits alone (decode_colours: whether
-the cell is uncertain; decode_pixels: its change classes; decode_gated: those and its gate's choice), so it
-is kept per cell too and only the recomputed cells' is redone. A batch of more than one, or a model in
-training mode, goes through predict_next unchanged.
+the one that cache was made from, and recomputes layer l only on the cells within l cells of a change (the
+changed cells' mask dilated once per convolution). It computes the same function: its frames equal
+predict_next's (tests/test_cached_decoder.py; the sums can differ in float rounding, which an argmax sees
+only at an exact tie). Used on the CPU, where the step is compute-bound (benchmarks/play_speed.py measures
+both).
+
+How, and why this way: each layer's activations are one (29 * 22, width) matrix, a row per cell of the grid
+with a zero border (what the convolutions pad with); a 3x3 convolution of the cells to recompute is one
+index_select of their 9 neighbours' rows (im2col) and one matmul with the kernel as a (9 * width, width)
+matrix. At these sizes (~100 cells a layer) a conv2d call per box around each change spent as long in
+per-call overhead as in arithmetic, and boxes computed the corners a dilated mask leaves out (session 23:
+benchmarks/play_speed.py, README stage 3). torch's index_select is ~4x faster than advanced indexing here.
+What each decoding reads of a cell's logits is a function of those logits alone (decode_colours: which of
+its pixels are uncertain; decode_pixels: its change classes; decode_gated: those and its gate's choice), so
+it is kept per cell too and only the recomputed cells' is redone; decode_colours' sum over the classes of
+the uncertain pixels is done in numpy (FewPixelColours), where torch's per-call overhead dominated. A batch of more than one, or a model in
+training mode, goes through predict_next unchanged. Changed weights (a training step, load_state_dict) are
+noticed from the parameters' version counters and drop every cache. CPU only (a model elsewhere is
+refused): on a GPU the whole-grid step is not compute-bound.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.world_model import CELL, H, PAD_H, W, LatentActionModel, cells_any, grid_cells
+from models.world_model import CELL, H, PAD_H, W, LatentActionModel, grid_cells
 
 GH, GW = (H + PAD_H) // CELL, W // CELL   # the 27x20 grid
-MANY_CHANGES = 48   # change_boxes: more changed cells than this get one box (dream steps: median 14, at most 32)
+ROW = GW + 2                              # a row of the zero-bordered grid
 
 
-def grow(box: tuple, n: int) -> tuple:
-    """(y0, y1, x0, x1) grid box, end exclusive -> the same box n cells wider on every side, inside the grid."""
-    y0, y1, x0, x1 = box
-    return max(0, y0 - n), min(GH, y1 + n), max(0, x0 - n), min(GW, x1 + n)
+def bordered_rows() -> np.ndarray:
+    """(540,) the row of each grid cell (row-major) in the zero-bordered (29 * 22) activation matrix."""
+    y, x = np.divmod(np.arange(GH * GW), GW)
+    return (y + 1) * ROW + x + 1
 
 
-def changed_cells(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Two (1, k, 210, 160) uint8 contexts -> (27, 20) bool: the grid cells where any of their frames differ."""
-    return cells_any((a != b).any(1))[0] > 0
+def neighbour_rows() -> np.ndarray:
+    """(540, 9) the bordered rows of each cell's 3x3 neighbourhood, in the kernel's (ky, kx) order."""
+    return bordered_rows()[:, None] + np.array([dy * ROW + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
 
 
-def change_boxes(changed: torch.Tensor, reach: int) -> list:
-    """(27, 20) bool of changed cells -> boxes covering them, one per cluster: cells whose boxes grown by
-    `reach` (the cells their change can reach) overlap share one box, so no output cell is computed twice
-    for the same change, and far-apart changes (the ball, the paddle) do not pay for the space between them.
-    Beyond MANY_CHANGES cells (a new start, a cut) one box around them all: the greedy merge is cubic in the
-    number of boxes, and a change that large costs about the whole grid anyway."""
-    boxes = [(y, y + 1, x, x + 1) for y, x in changed.nonzero().tolist()]
-    if len(boxes) > MANY_CHANGES:
-        ys, xs = [b[0] for b in boxes], [b[2] for b in boxes]
-        return [(min(ys), max(ys) + 1, min(xs), max(xs) + 1)]
-    merged = True
-    while merged and len(boxes) > 1:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = grow(boxes[i], reach), grow(boxes[j], reach)
-                if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
-                    p, q = boxes[i], boxes.pop(j)
-                    boxes[i] = (min(p[0], q[0]), max(p[1], q[1]), min(p[2], q[2]), max(p[3], q[3]))
-                    merged = True
-                    break
-            if merged:
-                break
-    return boxes
+def changed_cells(cells: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Two (540, k*64) uint8 contexts in grid_cells' layout -> (540,) bool: the cells where any pixel of
+    any frame differs (compared 8 pixels at a time, as int64)."""
+    return (cells.view(torch.int64) != before.view(torch.int64)).any(1)
+
+
+def grid_distances() -> np.ndarray:
+    """(540, 540) uint8: how many cells apart two grid cells are (the larger of the row and column gaps),
+    i.e. after how many 3x3 convolutions a change in one reaches the other."""
+    yx = np.stack(np.divmod(np.arange(GH * GW), GW), 1)
+    return np.abs(yx[:, None] - yx[None]).max(2).astype(np.uint8)
+
+
+def dilated_cells(changed: torch.Tensor, layers: int, distances: np.ndarray) -> list:
+    """(540,) bool -> [the cells (numpy indices) within l cells of a changed one, for l = 0 .. layers]:
+    what layer l must recompute, since a 3x3 convolution carries a change one cell further. `distances`:
+    grid_distances() (read from a table: ~2.5x faster than dilating the mask with max-pools)."""
+    near = distances[np.flatnonzero(changed.numpy())].min(0)
+    return [np.flatnonzero(near <= l) for l in range(layers + 1)]
+
+
+class FewPixelColours:
+    """decode_colours for batch 1 on the CPU, in numpy, summing up only the uncertain pixels (a median of a
+    few dozen a step): it takes the same decisions as LatentActionModel.decode_colours (each class's
+    probability goes to the colour it gives the pixel, the last colour's multiplied by exp(keep_bias), the
+    likeliest wins; a pixel whose keep class is sure keeps its colour), but that function's ~50 torch calls on
+    a handful of cells cost ~1.1 ms a step in per-call overhead, this ~0.2 ms (session 23, README stage 3)."""
+
+    def __init__(self, model: LatentActionModel):
+        offsets = np.array(model.shift_offsets)
+        self.reach = reach = int(np.abs(offsets).max())
+        self.num_colors, self.boost = model.num_colors, math.exp(model.keep_bias)
+        self.frame = np.full((GH * CELL + 2 * reach, W + 2 * reach), 255, np.uint8)   # 255: outside the frame
+        y = (np.arange(GH * GW) // GW)[:, None] * CELL + np.arange(CELL * CELL) // CELL    # (540, 64) pixel rows
+        x = (np.arange(GH * GW) % GW)[:, None] * CELL + np.arange(CELL * CELL) % CELL
+        self.inside = torch.from_numpy(y < H)                          # the padding rows below are never shown
+        self.in_frame = (y + reach) * self.frame.shape[1] + x + reach  # where each pixel is in self.frame
+        self.in_image = y * W + x
+        self.shift_steps = -offsets[:, 0] * self.frame.shape[1] - offsets[:, 1]   # p - d, as a flat step
+
+    def __call__(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor,
+                 uncertain: torch.Tensor) -> torch.Tensor:
+        """(1, 540, 1 + num_colors, 64), (1, 540, S) logits, (1, 210, 160) last frame, (1, 540, 64) uncertain
+        pixels -> (1, 210, 160) uint8."""
+        out = last_idx.clone()
+        cell, pix = np.divmod(np.flatnonzero((uncertain[0] & self.inside).numpy()), CELL * CELL)   # (2-d nonzero: ~15x slower)
+        if not len(cell):
+            return out
+        r, nc = self.reach, self.num_colors
+        self.frame[r:r + H, r:r + W] = last_idx[0].numpy()
+        frame, at = self.frame.ravel(), self.in_frame[cell, pix]
+        last = frame[at]                                                # (P,)
+        src = frame[at[:, None] + self.shift_steps]                     # (P, S): the last frame at p - d
+        src = np.where(src == 255, last[:, None], src)                  # outside the frame: the pixel's own
+        logits = np.concatenate([pixels[0].numpy()[cell, :, pix], shifts[0].numpy()[cell]], 1)
+        odds = np.exp(logits - logits.max(1, keepdims=True))            # (P, classes), softmax's numerators
+        # the colour each class gives the pixel: keep -> last, 1 + c -> c, shift d -> the last frame at p - d
+        colour_of = np.concatenate([last[:, None], np.broadcast_to(np.arange(nc), (len(cell), nc)), src], 1)
+        row = np.arange(len(cell))
+        mass = np.bincount((colour_of + row[:, None] * nc).ravel(), odds.ravel(), len(cell) * nc).reshape(-1, nc)
+        mass[row, last] *= self.boost
+        out[0].numpy().ravel()[self.in_image[cell, pix]] = mass.argmax(1)
+        return out
 
 
 class _Cache:
-    """One latent's state: its FiLM (scale, shift) per block, every layer's activations on the grid with a
-    zero border (what the convolutions pad with), the head's logits and the decoding's decisions per cell,
-    and the context frames they were computed from."""
+    """One latent's state: its FiLM (scale + 1, shift) per block, every layer's activations (but the last's,
+    which only the head reads) as a bordered (29 * 22, width) matrix, the head's logits and the decoding's decisions per cell, and the context (in
+    grid_cells' layout) they were computed from."""
 
     def __init__(self, film: list, acts: list, logits: torch.Tensor, decisions: dict):
         self.film, self.acts, self.logits, self.decisions = film, acts, logits, decisions
-        self.context: torch.Tensor | None = None
+        self.cells: torch.Tensor | None = None
 
 
 class CachedDecoder:
@@ -80,38 +132,59 @@ class CachedDecoder:
     `max_latents`: how many latents keep a cache (least recently used dropped; ~3 MB each)."""
 
     def __init__(self, model: LatentActionModel, max_latents: int = 32):
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise ValueError(f"the cached decoder step is for the CPU (the world model is on {device})")
         self.model, self.max_latents = model, max_latents
         self.caches: OrderedDict = OrderedDict()
         self.convs = 2 * len(model.dec.blocks)
         self.cells_computed = 0   # grid cells the convolutions computed, summed over layers (benchmarks, tests)
+        self.rows, self.neighbours, self.distances = bordered_rows(), neighbour_rows(), grid_distances()
+        self.params, self._weights_version = list(model.parameters()), None
+        self.few_pixel_colours = FewPixelColours(model) if model.shift_offsets and not model.shift_gate else None
 
     def reset(self) -> None:
         self.caches.clear()
+
+    def _read_weights(self) -> None:
+        """The convolutions as (9 * width, width) matmul weights and the projection transposed, read again
+        (and every cache dropped) whenever a parameter changed since they were read."""
+        version = [p._version for p in self.params]
+        if version == self._weights_version:
+            return
+        dec = self.model.dec
+        self.kernels = [(conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.out_channels).contiguous(), conv.bias)
+                        for blk in dec.blocks for conv in (blk.conv1, blk.conv2)]
+        self.proj = dec.proj.weight.flatten(1).t().contiguous()
+        self.pos = dec.pos.reshape(GH * GW, -1) if dec.pos is not None else None
+        self.caches.clear()
+        self._weights_version = version
 
     @torch.no_grad()
     def predict_next(self, context_idx: torch.Tensor, codes: torch.Tensor, events: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         if len(context_idx) != 1 or m.training:
             return m.predict_next(context_idx, codes, events)
+        self._read_weights()
         ctx = context_idx[:, -m.context:]
+        cells = grid_cells(ctx)[0].view(GH * GW, -1)                    # (540, k*64) uint8, a fresh copy
         event = int(events.view(-1)[0]) if events is not None and m.event_embed is not None else 0
         key = (tuple(codes.view(-1).tolist()), event)
         cache = self.caches.pop(key, None)
         if cache is None:
-            cache = self._new_cache(m.condition(m.codes_to_latent(codes), events), ctx.device)
-            boxes = [(0, GH, 0, GW)]
+            cache = self._new_cache(m.condition(m.codes_to_latent(codes), events))
+            changed = torch.ones(GH * GW, dtype=torch.bool)
         else:
-            changed = changed_cells(ctx, cache.context)
-            boxes = change_boxes(changed, self.convs) if changed.any() else []
+            changed = changed_cells(cells, cache.cells)
         self.caches[key] = cache
         while len(self.caches) > self.max_latents:
             self.caches.popitem(last=False)
-        if boxes:
-            self._update(cache, ctx, boxes)
-        cache.context = ctx.clone()
+        if changed.any():
+            self._update(cache, cells, changed)
+        cache.cells = cells
         pixels, shifts = self._split(cache.logits)
-        if m.shift_offsets and not m.shift_gate:
-            return m.decode_colours(pixels, shifts, ctx[:, -1], uncertain=cache.decisions["uncertain"])
+        if self.few_pixel_colours is not None:
+            return self.few_pixel_colours(pixels, shifts, ctx[:, -1], cache.decisions["uncertain"])
         if m.shift_gate:
             return m.decode_gated(pixels, shifts, ctx[:, -1], **cache.decisions)
         return m.decode_pixels(None, ctx[:, -1], **cache.decisions)
@@ -124,48 +197,50 @@ class CachedDecoder:
     def _decisions(self, logits: torch.Tensor) -> dict:
         """What the model's decoding reads of each cell's logits (see the module's docstring)."""
         m, (pixels, shifts) = self.model, self._split(logits)
-        if m.shift_offsets and not m.shift_gate:
-            return {"uncertain": m.uncertain_cells(pixels, shifts)}
+        if self.few_pixel_colours is not None:
+            return {"uncertain": m.uncertain_pixels(pixels, shifts)}
         out = {"change": m.pixel_changes(pixels.float().clone())}
         if m.shift_gate:
             out["gate"] = m.gate_choices(shifts)
         return out
 
-    def _new_cache(self, cond: torch.Tensor, device) -> _Cache:
+    def _new_cache(self, cond: torch.Tensor) -> _Cache:
         dec, m = self.model.dec, self.model
-        film = [blk.film(cond)[:, :, None, None].chunk(2, dim=1) for blk in dec.blocks]
+        film = []
+        for blk in dec.blocks:
+            scale, shift = blk.film(cond)[0].chunk(2)
+            film.append((1 + scale, shift))
         width = dec.proj.out_channels
-        acts = [torch.zeros(1, width, GH + 2, GW + 2, device=device).to(memory_format=torch.channels_last)
-                for _ in range(self.convs + 1)]
-        logits = torch.zeros(1, GH * GW, m.head[-1].out_features, device=device)
+        acts = [torch.zeros((GH + 2) * ROW, width) for _ in range(self.convs)]   # layers 0 .. convs - 1
+        logits = torch.zeros(1, GH * GW, m.head[-1].out_features)
         return _Cache(film, acts, logits, self._decisions(logits))   # placeholders: the first update fills all
 
-    def _update(self, cache: _Cache, ctx: torch.Tensor, boxes: list) -> None:
-        m, dec, acts = self.model, self.model.dec, cache.acts
-        cells = grid_cells(ctx)                                        # (1, 27, 20, k*64) uint8
-        for y0, y1, x0, x1 in boxes:   # layer 0: embedding + projection (+ position), per cell
-            x = F.linear(dec.embed.embed(cells[:, y0:y1, x0:x1].long()).flatten(3), dec.proj.weight.flatten(1), dec.proj.bias)
-            if dec.pos is not None:
-                x = x + dec.pos[:, y0:y1, x0:x1]
-            acts[0][:, :, y0 + 1:y1 + 1, x0 + 1:x1 + 1] = x.permute(0, 3, 1, 2)
+    def _update(self, cache: _Cache, cells: torch.Tensor, changed: torch.Tensor) -> None:
+        dec, acts = self.model.dec, cache.acts
+        todo = dilated_cells(changed, self.convs, self.distances)   # index arithmetic in numpy: fewer torch calls
+        # layer 0: embedding + projection (+ position), per cell, on the changed cells
+        at = torch.from_numpy(todo[0])
+        x = dec.embed.embed(cells.index_select(0, at).long()).flatten(1)
+        x = torch.addmm(dec.proj.bias, x, self.proj)
+        if self.pos is not None:
+            x += self.pos.index_select(0, at)
+        acts[0].index_copy_(0, torch.from_numpy(self.rows[todo[0]]), x)
         for layer in range(1, self.convs + 1):
-            blk = dec.blocks[(layer - 1) // 2]
-            for box in boxes:
-                y0, y1, x0, x1 = grow(box, layer)
-                self.cells_computed += (y1 - y0) * (x1 - x0)
-                # the box and its 1-cell halo (padded coords), convolved without padding: the halo is it
-                inp = acts[layer - 1][:, :, y0:y1 + 2, x0:x1 + 2]
-                if layer % 2:   # ResBlock's first half: silu(conv1), FiLM, and the silu conv2 reads
-                    scale, shift = cache.film[(layer - 1) // 2]
-                    out = F.silu(F.silu(F.conv2d(inp, blk.conv1.weight, blk.conv1.bias)) * (1 + scale) + shift)
-                else:           # second half: the residual sum
-                    out = acts[layer - 2][:, :, y0 + 1:y1 + 1, x0 + 1:x1 + 1] + F.conv2d(inp, blk.conv2.weight, blk.conv2.bias)
-                acts[layer][:, :, y0 + 1:y1 + 1, x0 + 1:x1 + 1] = out
-        for box in boxes:   # the head and the decisions, per cell, where the last layer changed
-            y0, y1, x0, x1 = grow(box, self.convs)
-            h = acts[-1][0, :, y0 + 1:y1 + 1, x0 + 1:x1 + 1].permute(1, 2, 0).reshape(-1, acts[-1].shape[1])
-            out = m.head(h)[None]
-            idx = (torch.arange(y0, y1)[:, None] * GW + torch.arange(x0, x1)).flatten().to(out.device)
-            cache.logits[:, idx] = out
-            for name, value in self._decisions(out).items():
-                cache.decisions[name][:, idx] = value
+            at, n = torch.from_numpy(todo[layer]), len(todo[layer])
+            self.cells_computed += n
+            rows = torch.from_numpy(self.rows[todo[layer]])
+            kernel, bias = self.kernels[layer - 1]
+            patches = acts[layer - 1].index_select(0, torch.from_numpy(self.neighbours[todo[layer]].ravel()))
+            out = torch.addmm(bias, patches.view(n, -1), kernel)
+            if layer % 2:   # ResBlock's first half: silu(conv1), FiLM, and the silu conv2 reads
+                scale, shift = cache.film[(layer - 1) // 2]
+                out = F.silu(F.silu(out, inplace=True).mul_(scale).add_(shift), inplace=True)
+            else:           # second half: the residual sum
+                out += acts[layer - 2].index_select(0, rows)
+            if layer < self.convs:   # the last layer's output only feeds the head, right below
+                acts[layer].index_copy_(0, rows, out)
+        # the head and the decisions, per cell, where the last layer changed
+        out = self.model.head(out)
+        cache.logits[0].index_copy_(0, at, out)
+        for name, value in self._decisions(out[None]).items():
+            cache.decisions[name][0].index_copy_(0, at, value[0])

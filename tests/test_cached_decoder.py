@@ -3,8 +3,10 @@ LatentActionModel.predict_next draws, for each of the three decodings, while com
 import pytest
 import torch
 
-from models.cached_decoder import GH, GW, CachedDecoder, change_boxes, changed_cells
-from models.world_model import LatentActionModel
+import numpy as np
+
+from models.cached_decoder import GH, GW, CachedDecoder, changed_cells, dilated_cells, grid_distances
+from models.world_model import LatentActionModel, cells_any, grid_cells
 
 VARIANTS = {"shift classes": dict(shift_offsets=[[0, 3], [3, 0], [0, -3]]),
             "shift gate": dict(shift_offsets=[[0, 3], [3, 0]], shift_gate=True),
@@ -63,22 +65,21 @@ def test_cached_decoder_draws_what_predict_next_draws_and_computes_less(variant)
             if shifts is not None:
                 assert torch.allclose(kept[..., n:], shifts, atol=1e-4)
         assert (want != ctx[:, -1]).any()                                # the decoder does change the frame
-    # each latent's first step computes the whole grid; after that only the boxes around the changes
+    # each latent's first step computes the whole grid; after that only the cells a change reaches
     assert cache.cells_computed < 0.75 * convs_full * (len(frames) - 2)
 
 
-def test_change_boxes_cover_every_changed_cell_and_keep_far_changes_apart():
-    changed = torch.zeros(GH, GW, dtype=torch.bool)
-    changed[3, 4] = changed[4, 5] = True          # the ball: one box
-    changed[25, 15] = True                        # the paddle, far from it: a box of its own
-    boxes = sorted(change_boxes(changed, reach=2))
-    assert boxes == [(3, 5, 4, 6), (25, 26, 15, 16)]
-    changed[7, 6] = True                          # within reach of the ball's box: merged into it
-    assert sorted(change_boxes(changed, reach=2)) == [(3, 8, 4, 7), (25, 26, 15, 16)]
-    assert change_boxes(torch.zeros(GH, GW, dtype=torch.bool), reach=2) == []
-    changed = torch.zeros(GH, GW, dtype=torch.bool)
-    changed[2:20:2, 1:19:2] = True                # a new start: 81 scattered cells, one box around them all
-    assert change_boxes(changed, reach=2) == [(2, 19, 1, 18)]
+def test_dilated_cells_are_the_cells_a_change_reaches_after_each_convolution():
+    changed = torch.zeros(GH * GW, dtype=torch.bool)
+    changed[3 * GW + 4] = changed[25 * GW + 15] = True      # the ball and, far from it, the paddle
+    todo = dilated_cells(changed, 3, grid_distances())
+    mask = changed.view(1, 1, GH, GW).float()
+    assert np.array_equal(todo[0], changed.nonzero().squeeze(1).numpy())
+    for layer in (1, 2, 3):   # what a 3x3 max-pool (the reach of a 3x3 convolution) grows the mask to
+        mask = torch.nn.functional.max_pool2d(mask, 3, 1, 1)
+        assert np.array_equal(todo[layer], mask.view(-1).nonzero().squeeze(1).numpy())
+    assert len(todo[3]) == 7 * 7 + 7 * 5                    # a full square and one cut by the bottom edge
+    assert [len(t) for t in dilated_cells(torch.ones(GH * GW, dtype=torch.bool), 2, grid_distances())] == [GH * GW] * 3
 
 
 def test_a_batch_goes_through_predict_next():
@@ -90,10 +91,25 @@ def test_a_batch_goes_through_predict_next():
 
 
 def test_changed_cells_reads_the_cells_whose_pixels_differ_in_any_frame():
-    from models.world_model import cells_any
     a = torch.randint(0, 5, (1, 2, 210, 160), dtype=torch.uint8)
     b = a.clone()
     b[0, 0, 17, 9] += 1            # cell (2, 1) of the older frame
     b[0, 1, 209, 159] += 1         # the last cell row holds the frame's two last rows
-    want = cells_any((a != b).any(1))[0] > 0
-    assert want.sum() == 2 and torch.equal(changed_cells(a, b), want)
+    want = (cells_any((a != b).any(1))[0] > 0).flatten()
+    got = changed_cells(grid_cells(a)[0].view(GH * GW, -1), grid_cells(b)[0].view(GH * GW, -1))
+    assert want.sum() == 2 and torch.equal(got, want)
+
+
+def test_the_cached_decoder_is_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="for the CPU"):
+        CachedDecoder(untrained_but_decisive().to("meta"))   # the meta device stands in for a GPU in CI
+
+
+def test_changed_weights_drop_the_caches():
+    m = untrained_but_decisive(**VARIANTS["shift classes"])
+    cache, frames = CachedDecoder(m), moving_frames(4)
+    codes = torch.tensor([[1]])
+    with torch.no_grad():
+        cache.predict_next(frames[None, 0:2], codes)
+        m.head[-1].bias.add_(torch.randn_like(m.head[-1].bias) * 30)   # as an optimizer step would
+        assert torch.equal(cache.predict_next(frames[None, 1:3], codes), m.predict_next(frames[None, 1:3], codes))

@@ -189,6 +189,15 @@ def test_shift_classes_decode_a_moving_object_whole_and_keep_the_calibrated_deci
     colour.scatter_(2, last, colour.gather(2, last) * np.exp(m.keep_bias))
     assert torch.equal(m.decode_colours(rand[:, :, :7], rand[:, :, 7:, 0], ctx[:, -1]),
                        from_cells(colour.argmax(2).to(torch.uint8)))
+    # the uncertain pixels (their max-based pre-filter skips the exps where no class comes near): p(keep) at
+    # most 1 / (1 + exp(keep_bias)), as the whole softmax says, on logits of every scale
+    for scale in (0.3, 3.0, 30.0):
+        rand = torch.randn(2, 540, 9, 64) * scale
+        rand[:, :, 7:] = torch.randn(2, 540, 2, 1) * scale
+        rand[:, :300, 0] += 2 * scale
+        p_keep = torch.softmax(torch.cat([rand[:, :, :7], rand[:, :, 7:, :1].expand(-1, -1, -1, 64)], 2), 2)[:, :, 0]
+        got = m.uncertain_pixels(rand[:, :, :7], rand[:, :, 7:, 0])
+        assert torch.equal(got, p_keep <= 1 / (1 + np.exp(m.keep_bias))) and 0 < got.float().mean() < 1
 
 
 def test_shift_gate_targets_loss_and_decoding_copy_a_moving_object_whole():
