@@ -122,8 +122,10 @@ class _Cache:
     which only the head reads) as a bordered (29 * 22, width) matrix, the head's logits and the decoding's decisions per cell, and the context (in
     grid_cells' layout) they were computed from."""
 
-    def __init__(self, film: list, acts: list, logits: torch.Tensor, decisions: dict):
-        self.film, self.acts, self.logits, self.decisions = film, acts, logits, decisions
+    def __init__(self, film: list, acts: list):
+        self.film, self.acts = film, acts
+        self.logits: torch.Tensor | None = None
+        self.decisions: dict | None = None
         self.cells: torch.Tensor | None = None
 
 
@@ -182,21 +184,17 @@ class CachedDecoder:
         if changed.any():
             self._update(cache, cells, changed)
         cache.cells = cells
-        pixels, shifts = self._split(cache.logits)
+        pixels, shifts = m.split_head(cache.logits)
         if self.few_pixel_colours is not None:
             return self.few_pixel_colours(pixels, shifts, ctx[:, -1], cache.decisions["uncertain"])
         if m.shift_gate:
             return m.decode_gated(pixels, shifts, ctx[:, -1], **cache.decisions)
         return m.decode_pixels(None, ctx[:, -1], **cache.decisions)
 
-    def _split(self, logits: torch.Tensor):
-        """Head output (1, n, N) -> (pixel logits (1, n, 1 + num_colors, 64), shift logits (1, n, S))."""
-        n = (self.model.num_colors + 1) * CELL * CELL
-        return logits[..., :n].unflatten(2, (self.model.num_colors + 1, CELL * CELL)), logits[..., n:]
-
     def _decisions(self, logits: torch.Tensor) -> dict:
         """What the model's decoding reads of each cell's logits (see the module's docstring)."""
-        m, (pixels, shifts) = self.model, self._split(logits)
+        m = self.model
+        pixels, shifts = m.split_head(logits)
         if self.few_pixel_colours is not None:
             return {"uncertain": m.uncertain_pixels(pixels, shifts)}
         out = {"change": m.pixel_changes(pixels.float().clone())}
@@ -205,15 +203,13 @@ class CachedDecoder:
         return out
 
     def _new_cache(self, cond: torch.Tensor) -> _Cache:
-        dec, m = self.model.dec, self.model
+        dec = self.model.dec
         film = []
         for blk in dec.blocks:
             scale, shift = blk.film(cond)[0].chunk(2)
             film.append((1 + scale, shift))
-        width = dec.proj.out_channels
-        acts = [torch.zeros((GH + 2) * ROW, width) for _ in range(self.convs)]   # layers 0 .. convs - 1
-        logits = torch.zeros(1, GH * GW, m.head[-1].out_features)
-        return _Cache(film, acts, logits, self._decisions(logits))   # placeholders: the first update fills all
+        acts = [torch.zeros((GH + 2) * ROW, dec.proj.out_channels) for _ in range(self.convs)]   # layers 0 .. convs - 1
+        return _Cache(film, acts)   # its first update computes every cell, and so its logits and decisions
 
     def _update(self, cache: _Cache, cells: torch.Tensor, changed: torch.Tensor) -> None:
         dec, acts = self.model.dec, cache.acts
@@ -240,7 +236,11 @@ class CachedDecoder:
             if layer < self.convs:   # the last layer's output only feeds the head, right below
                 acts[layer].index_copy_(0, rows, out)
         # the head and the decisions, per cell, where the last layer changed
-        out = self.model.head(out)
-        cache.logits[0].index_copy_(0, at, out)
-        for name, value in self._decisions(out[None]).items():
+        out = self.model.head(out)[None]
+        decisions = self._decisions(out)
+        if len(at) == GH * GW:   # every cell (a new cache's first update)
+            cache.logits, cache.decisions = out, decisions
+            return
+        cache.logits[0].index_copy_(0, at, out[0])
+        for name, value in decisions.items():
             cache.decisions[name][0].index_copy_(0, at, value[0])

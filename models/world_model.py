@@ -482,10 +482,12 @@ class LatentActionModel(nn.Module):
     def decode_split(self, context_idx: torch.Tensor, cond: torch.Tensor):
         """-> (per-pixel logits (B, 540, 1 + num_colors, 64), per-cell shift logits (B, 540, S) or None)."""
         h = self.dec(context_idx[:, -self.context:], cond)   # the last `context` of a longer history
-        out = self.head(h.flatten(2).transpose(1, 2))
+        return self.split_head(self.head(h.flatten(2).transpose(1, 2)))
+
+    def split_head(self, out: torch.Tensor):
+        """Head output (B, n, N) -> (pixel logits (B, n, 1 + num_colors, 64), shift logits (B, n, S) or None)."""
         n = (self.num_colors + 1) * CELL * CELL
-        pixels = out[..., :n].unflatten(2, (self.num_colors + 1, CELL * CELL))
-        return pixels, (out[..., n:] if self.shift_offsets else None)
+        return out[..., :n].unflatten(2, (self.num_colors + 1, CELL * CELL)), (out[..., n:] if self.shift_offsets else None)
 
     def shift_sources_cells(self, last_idx: torch.Tensor) -> torch.Tensor:
         """(B, 210, 160) -> (B, 540, S, 64): per grid cell and shift class, the colour each pixel takes."""
