@@ -97,6 +97,8 @@ def main(argv=None) -> None:
     atari_env.game_spec(cfg.game)
     if cfg.readme and cfg.latents != "a2l":
         raise UserError("--readme records the real chain (--latents a2l); the encoder-latent run is a diagnostic")
+    if cfg.readme:
+        readme_text(Path(cfg.readme))   # a wrong path fails now, not after the evaluation's ~11 minutes
     torch.set_num_threads(cfg.threads)
     data_dir = Path(cfg.data_dir or f"data/{cfg.game}")
     ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
@@ -292,11 +294,22 @@ def format_table(r: dict) -> str:
     return "\n".join(rows)
 
 
-def update_readme(path: Path, report: dict, cfg: Config) -> None:
-    begin, end = "<!-- eval:begin -->", "<!-- eval:end -->"
+README_BEGIN, README_END = "<!-- eval:begin -->", "<!-- eval:end -->"
+
+
+def readme_text(path: Path) -> str:
+    """--readme's text, refused (UserError) if it is missing or has no results block to rewrite."""
+    if not path.is_file():
+        raise UserError(f"--readme {path}: no such file")
     text = path.read_text()
-    if begin not in text or end not in text:
-        raise UserError(f"{path} has no {begin} ... {end} block to rewrite")
+    if README_BEGIN not in text or README_END not in text:
+        raise UserError(f"{path} has no {README_BEGIN} ... {README_END} block to rewrite")
+    return text
+
+
+def update_readme(path: Path, report: dict, cfg: Config) -> None:
+    begin, end = README_BEGIN, README_END
+    text = readme_text(path)
     block = (f"{begin}\n`python evaluate_world_model.py --game {cfg.game} --readme {path.name}` "
              f"({report['starts']} start points in {report['held_out_episodes']} held-out episodes, "
              f"{report['device']}, {report['threads']} threads):\n\n{format_table(report)}\n{end}")

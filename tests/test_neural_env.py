@@ -268,9 +268,22 @@ def test_encoder_latent_rollouts_use_each_real_transition(tiny_data, tiny_models
                "--latent-samples", 128, "--sps-steps", 5, "--threads", 1, "--latents", "encoder")
     assert json.loads((tmp_path / "report_encoder_latents.json").read_text())["latents"] == "encoder"
     assert not (tmp_path / "report.json").exists()
+    import evaluate_world_model
     with pytest.raises(UserError, match="--readme"):
-        import evaluate_world_model
         evaluate_world_model.main(["--latents", "encoder", "--readme", str(tmp_path / "README.md")])
+
+
+@pytest.mark.parametrize("text", [None, "a README without the results block\n"])
+def test_evaluation_refuses_a_bad_readme_before_it_runs(text, tmp_path):
+    """--readme is checked first: the evaluation takes ~11 minutes and found a missing file only at its end."""
+    import evaluate_world_model
+    readme = tmp_path / "README.md"
+    if text is not None:
+        readme.write_text(text)
+    # a data folder that does not exist: had the README check come after loading anything, another error would win
+    with pytest.raises(UserError, match="no such file" if text is None else "no <!-- eval:begin -->"):
+        evaluate_world_model.main(["--data-dir", str(tmp_path / "none"), "--checkpoint-dir", str(tmp_path / "none"),
+                                   "--readme", str(readme)])
 
 
 def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
