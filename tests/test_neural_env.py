@@ -309,3 +309,30 @@ def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
     assert ball_losses.first_loss(np.stack([frame()] * 4), served)["before"] == "no ball before (a serve not drawn)"
     assert metrics.ball_position(frame(95, 20)) == (95.0, 20.0) and ball_losses.first_loss(
         np.stack([frame()]), np.stack([frame(95, 20)]))["where"] == "at the bricks"
+
+
+def test_ball_flight_groups_open_flight_by_the_last_step(tiny_data, tiny_models):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ball_flight", "benchmarks/ball_flight.py")
+    ball_flight = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ball_flight)
+
+    def frames(*balls):
+        out = np.zeros((len(balls), 210, 160, 3), np.uint8)
+        for f, ball in zip(out, balls):
+            if ball is not None:
+                f[ball[0]:ball[0] + 4, ball[1]:ball[1] + 2] = (200, 72, 72)
+        return out
+
+    straight = frames((150, 40), (146, 46), (142, 52), (138, 58))        # up and 6 px right, three times
+    turned = frames((150, 40), (146, 46), (150, 52))                     # the second step turns down
+    near_wall = frames((150, 130), (146, 136), (142, 142))               # at t the ball is by the right wall
+    lost = frames((150, 40), (146, 46), None)                            # no ball at t + 1
+    groups = ball_flight.open_flights([{"frames": f} for f in (straight, turned, near_wall, lost)])
+    assert dict(groups) == {(-4.0, 6.0): [(0, 1, True), (0, 2, True), (1, 1, False)]}
+    out = run_script("benchmarks/ball_flight.py", tiny_models, "--data_dir", tiny_data, "--episodes", 8).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| +") or line.startswith("| -")]
+    assert "open-flight transitions in" in out and rows   # random play serves: some groups have >= 10 flights
+    for row in rows:   # the repeat rate and the model's two rates are fractions
+        assert all(0 <= float(x) <= 1 for x in row.replace("%", "").replace("/", "|").split("|")[4:-1])
+
