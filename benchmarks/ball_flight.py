@@ -1,6 +1,6 @@
 """How the world model draws the ball in straight open flight, by the ball's velocity (Breakout).
 
-    python benchmarks/ball_flight.py checkpoints/breakout [other folders ...] [--episodes 20]
+    python benchmarks/ball_flight.py checkpoints/breakout [other folders or world-model files ...] [--episodes 20]
 
 On held-out episodes (training's split): every transition t -> t+1 where the ball is visible at t-1, t and
 t+1 and is, at t, in open space (rows 110-175, columns 20-135: away from the walls, the bricks and the
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gameplay_data as gd  # noqa: E402
 import metrics  # noqa: E402
+from common import run_main  # noqa: E402
 from models.world_model import load_world_model  # noqa: E402
 
 OPEN_ROWS, OPEN_COLS = (110, 175), (20, 135)
@@ -59,7 +60,7 @@ def drawn(model, palette, episodes: list, picks: list, batch: int = 64) -> tuple
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", nargs="*", type=Path, help="checkpoint folders with a world_model.safetensors")
+    p.add_argument("folders", nargs="*", type=Path, help="world-model weights, or checkpoint folders holding world_model.safetensors")
     p.add_argument("--episodes", type=int, default=20, help="held-out episodes to read (of the split's)")
     p.add_argument("--data_dir", default="data/breakout", help="recorded episodes")
     p.add_argument("--val_percent", type=float, default=10.0, help="the held-out split (training's)")
@@ -68,7 +69,8 @@ def main() -> None:
     files = gd.split_episodes(Path(args.data_dir), "val", args.val_percent)[:args.episodes]
     episodes = [gd.load_episode(f) for f in files]
     groups = sorted(open_flights(episodes).items(), key=lambda kv: -len(kv[1]))
-    models = [load_world_model(f / "world_model.safetensors", "breakout", "cpu")[:2] for f in args.folders]
+    models = [load_world_model(f if f.suffix == ".safetensors" else f / "world_model.safetensors", "breakout", "cpu")[:2]
+              for f in args.folders]
     total = sum(len(g) for _, g in groups)
     print(f"{total} open-flight transitions in {len(files)} held-out episodes")
     print("| last step (rows, cols) | transitions | share | next step repeats it |"
@@ -85,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
