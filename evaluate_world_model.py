@@ -308,8 +308,7 @@ def readme_text(path: Path) -> str:
 
 
 def update_readme(path: Path, report: dict, cfg: Config) -> None:
-    begin, end = README_BEGIN, README_END
-    text = readme_text(path)
+    text, begin, end = readme_text(path), README_BEGIN, README_END
     block = (f"{begin}\n`python evaluate_world_model.py --game {cfg.game} --readme {path.name}` "
              f"({report['starts']} start points in {report['held_out_episodes']} held-out episodes, "
              f"{report['device']}, {report['threads']} threads):\n\n{format_table(report)}\n{end}")

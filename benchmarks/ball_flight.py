@@ -81,7 +81,7 @@ def main() -> None:
             continue
         row = f"| {last[0]:+.0f}, {last[1]:+.0f} | {len(picks)} | {len(picks) / total:.1%} | {sum(r for *_, r in picks) / len(picks):.3f} |"
         for model, palette in models:
-            place, whole = drawn(model.eval(), palette, episodes, [(e, t, r) for e, t, r in picks])
+            place, whole = drawn(model.eval(), palette, episodes, picks)
             row += f" {place / len(picks):.3f} / {whole / len(picks):.3f} |"
         print(row)
 
