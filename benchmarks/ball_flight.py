@@ -71,6 +71,8 @@ def main() -> None:
     groups = sorted(open_flights(episodes).items(), key=lambda kv: -len(kv[1]))
     models = [load_world_model(f if f.suffix == ".safetensors" else f / "world_model.safetensors", "breakout", "cpu")[:2]
               for f in args.folders]
+    for model, _ in models:
+        model.eval()
     total = sum(len(g) for _, g in groups)
     print(f"{total} open-flight transitions in {len(files)} held-out episodes")
     print("| last step (rows, cols) | transitions | share | next step repeats it |"
@@ -81,7 +83,7 @@ def main() -> None:
             continue
         row = f"| {last[0]:+.0f}, {last[1]:+.0f} | {len(picks)} | {len(picks) / total:.1%} | {sum(r for *_, r in picks) / len(picks):.3f} |"
         for model, palette in models:
-            place, whole = drawn(model.eval(), palette, episodes, picks)
+            place, whole = drawn(model, palette, episodes, picks)
             row += f" {place / len(picks):.3f} / {whole / len(picks):.3f} |"
         print(row)
 

@@ -222,7 +222,7 @@ class CachedDecoder:
             x += self.pos.index_select(0, at)
         acts[0].index_copy_(0, torch.from_numpy(self.rows[todo[0]]), x)
         for layer in range(1, self.convs + 1):
-            at, n = torch.from_numpy(todo[layer]), len(todo[layer])
+            n = len(todo[layer])
             self.cells_computed += n
             rows = torch.from_numpy(self.rows[todo[layer]])
             kernel, bias = self.kernels[layer - 1]
@@ -236,6 +236,7 @@ class CachedDecoder:
             if layer < self.convs:   # the last layer's output only feeds the head, right below
                 acts[layer].index_copy_(0, rows, out)
         # the head and the decisions, per cell, where the last layer changed
+        at = torch.from_numpy(todo[-1])
         out = self.model.head(out)[None]
         decisions = self._decisions(out)
         if len(at) == GH * GW:   # every cell (a new cache's first update)

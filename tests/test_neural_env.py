@@ -286,17 +286,25 @@ def test_evaluation_refuses_a_bad_readme_before_it_runs(text, tmp_path):
                                    "--readme", str(readme)])
 
 
-def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("ball_losses", "benchmarks/ball_losses.py")
-    ball_losses = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ball_losses)
+    spec = importlib.util.spec_from_file_location(name, f"benchmarks/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    def frame(row=None, col=None, width=2):
-        f = np.zeros((210, 160, 3), np.uint8)
-        if row is not None:
-            f[row:row + 4, col:col + width] = (200, 72, 72)
-        return f
+
+def frame(row=None, col=None, width=2):
+    """A black RGB frame with Breakout's 4-row ball at (row, col), or none."""
+    f = np.zeros((210, 160, 3), np.uint8)
+    if row is not None:
+        f[row:row + 4, col:col + width] = (200, 72, 72)
+    return f
+
+
+def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
+    ball_losses = load_benchmark("ball_losses")
 
     real = np.stack([frame(150, 40), frame(146, 46), frame(142, 52), frame(138, 58)])
     assert ball_losses.first_loss(real.copy(), real) is None                       # the dream keeps it
@@ -312,22 +320,15 @@ def test_ball_losses_finds_the_first_lost_ball_and_what_the_dream_drew_before():
 
 
 def test_ball_flight_groups_open_flight_by_the_last_step(tiny_data, tiny_models):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("ball_flight", "benchmarks/ball_flight.py")
-    ball_flight = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ball_flight)
+    ball_flight = load_benchmark("ball_flight")
 
     def frames(*balls):
-        out = np.zeros((len(balls), 210, 160, 3), np.uint8)
-        for f, ball in zip(out, balls):
-            if ball is not None:
-                f[ball[0]:ball[0] + 4, ball[1]:ball[1] + 2] = (200, 72, 72)
-        return out
+        return np.stack([frame(*ball) for ball in balls])
 
     straight = frames((150, 40), (146, 46), (142, 52), (138, 58))        # up and 6 px right, three times
     turned = frames((150, 40), (146, 46), (150, 52))                     # the second step turns down
     near_wall = frames((150, 130), (146, 136), (142, 142))               # at t the ball is by the right wall
-    lost = frames((150, 40), (146, 46), None)                            # no ball at t + 1
+    lost = frames((150, 40), (146, 46), ())                              # no ball at t + 1
     groups = ball_flight.open_flights([{"frames": f} for f in (straight, turned, near_wall, lost)])
     assert dict(groups) == {(-4.0, 6.0): [(0, 1, True), (0, 2, True), (1, 1, False)]}
     out = run_script("benchmarks/ball_flight.py", tiny_models, "--data_dir", tiny_data, "--episodes", 8).stdout
