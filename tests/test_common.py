@@ -14,3 +14,42 @@ def test_metric_log_reads_the_same_after_a_resume(tmp_path):
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     assert "\n".join(lines[:3]) == before.strip()
     assert lines[3].startswith("75,") and lines[1] == "25,0.5,"
+
+
+HEAP_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+import common
+def heap_size():
+    heap = [l for l in open("/proc/self/maps") if l.rstrip().endswith("[heap]")]
+    return sum(int(b, 16) - int(a, 16) for a, b in (l.split()[0].split("-") for l in heap))
+took = {keep} and common.keep_freed_memory()
+before = heap_size()
+block = bytearray(64 << 20)   # over glibc's largest mmap threshold (32 MB): its own mmap by default
+print(took, (heap_size() - before) >> 20)
+"""
+
+
+def probe_heap(keep: bool) -> tuple[str, int]:
+    """-> (whether keep_freed_memory took, how many MB the heap grew by for a 64 MB block), in a fresh process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", HEAP_PROBE.format(root=root, keep=keep)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    """After keep_freed_memory a 64 MB block comes from malloc's heap, not a mmap of its own that is unmapped
+    and page-faulted again every training step (common.keep_freed_memory); without it, a mmap."""
+    import pytest
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt: Linux only")
+    took, heap_growth_mb = probe_heap(True)
+    if took != "True":
+        pytest.skip("not glibc")
+    assert heap_growth_mb >= 64
+    assert probe_heap(False)[1] < 64
