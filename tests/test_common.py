@@ -1,4 +1,10 @@
 """The shared helpers of common.py that the stage scripts' end-to-end tests do not pin down."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from common import MetricLogger
 
 
@@ -32,9 +38,6 @@ print(took, (heap_size() - before) >> 20)
 
 def probe_heap(keep: bool) -> tuple[str, int]:
     """-> (whether keep_freed_memory took, how many MB the heap grew by for a 64 MB block), in a fresh process."""
-    import subprocess
-    import sys
-    from pathlib import Path
     root = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run([sys.executable, "-c", HEAP_PROBE.format(root=root, keep=keep)], capture_output=True,
                          text=True, check=True).stdout.split()
@@ -44,8 +47,6 @@ def probe_heap(keep: bool) -> tuple[str, int]:
 def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     """After keep_freed_memory a 64 MB block comes from malloc's heap, not a mmap of its own that is unmapped
     and page-faulted again every training step (common.keep_freed_memory); without it, a mmap."""
-    import pytest
-    import sys
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt: Linux only")
     took, heap_growth_mb = probe_heap(True)
