@@ -24,8 +24,8 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel; True if it
     took. By default every block over 128 kB-32 MB (a training batch's activations and gradients) is its own
     mmap, unmapped when torch frees it and page-faulted in anew the next step: a world-model training step on
-    2 cores spent ~35 % of its CPU time in the kernel (/proc/stat, strace: munmap), and with mmap off and no
-    trimming it ran 1.7x faster (README design notes). What jemalloc or tcmalloc do, without LD_PRELOAD or a
+    2 cores spent 42-44 % of its CPU time in the kernel, and with mmap off and no trimming it ran 2.2-2.4x
+    faster (benchmarks/train_step_speed.py, README design notes). What jemalloc or tcmalloc do, without LD_PRELOAD or a
     system package. The price: the process keeps its peak memory until it exits."""
     if not sys.platform.startswith("linux"):
         return False
