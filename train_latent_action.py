@@ -97,6 +97,9 @@ class Config:
     shift_gate: bool = arg(False, "with --shift_classes: train them as a gate per grid cell, 'one shift copies the whole "
                                   "cell' or 'the pixel classes decide', and decode by the gate's likeliest choice "
                                   "(README stage 3); off = each pixel sums its own and the shift classes")
+    continue_motion: bool = arg(False, "with shift classes: one more class per grid cell, 'the pixel shows the frame in which "
+                                       "every moving object took its last step again' (models.world_model.continued_frame), "
+                                       "so a cell needs to know that the motion goes on, not its step (README stage 3)")
     gate_weight: float = arg(0.25, "with --shift_gate: weight of the gate's loss beside the pixels' (which is ~0.001-0.01 "
                                    "per pixel for a trained Breakout model, the gate's ~0.1 per cell at its start)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
@@ -125,7 +128,7 @@ class Config:
 # what the saved weights' shapes depend on: a resume cannot change it
 ARCHITECTURE = ("game", "context", "width", "depth", "embed_dim", "head_hidden", "enc_width", "enc_depth", "num_tokens",
                 "codebook_size", "code_dim", "max_colors", "positional", "events", "shift_classes",
-                "shift_gate")
+                "shift_gate", "continue_motion")
 PRIOR_ARCHITECTURE = ("action_prior", "prior_width", "prior_past_actions")   # on or off, and its shapes
 
 
@@ -358,6 +361,7 @@ def main(argv=None) -> None:
         state["config"].setdefault("merge_codes", "")
         state["config"].setdefault("events", False)
         state["config"].setdefault("shift_gate", False)
+        state["config"].setdefault("continue_motion", False)
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE + ("merge_codes",))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -418,15 +422,18 @@ def main(argv=None) -> None:
         print(f"shift classes (dy, dx): {shifts}")
     if cfg.shift_gate and not shifts:
         raise UserError("--shift_gate trains shift classes: set --shift_classes N too")
+    if cfg.continue_motion and (not shifts or cfg.shift_gate):
+        raise UserError("--continue_motion takes its steps from the shift classes: set --shift_classes N, without --shift_gate")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
                               keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
-                              merged_codes(cfg, init_meta, state), places, shifts, cfg.shift_gate).to(device)
+                              merged_codes(cfg, init_meta, state), places, shifts, cfg.shift_gate,
+                              cfg.continue_motion).to(device)
     if init is not None:   # strict=False only for an event table the --init_from weights did not have
         weights = init.state_dict()
-        if shifts and not init.shift_offsets:   # new shift classes: the head's last layer gains rows, zero at first
-            head = model.head[-1]                 # (with the gate: the bias the model starts it with)
-            n = weights["head.2.bias"].shape[0]
+        head, n = model.head[-1], weights["head.2.bias"].shape[0]
+        if head.bias.shape[0] > n:   # new shift (or continue) classes: the head's last layer gains rows, zero at
+            # first (with the gate: the bias the model starts it with)
             new_bias = head.bias[n:].detach() if model.shift_gate else torch.zeros_like(head.bias[n:])
             weights["head.2.weight"] = torch.cat([weights["head.2.weight"], torch.zeros_like(head.weight[n:])])
             weights["head.2.bias"] = torch.cat([weights["head.2.bias"], new_bias])
@@ -510,7 +517,8 @@ def main(argv=None) -> None:
                 scale = None
                 if cfg.ball_weight:   # the cells the ball can reach from where it is at t (the real frame)
                     scale = 1 + cfg.ball_weight * near_cells(wm_metrics.ball_pixels(history[:, -1], palette.colors))
-                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale, cfg.gate_weight)
+                recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale, cfg.gate_weight,
+                                        model.continued(ctx))
                 loss = recon + commit.sum()
                 if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
                     prior_logits = prior(action, history[:, 1:], past_actions)

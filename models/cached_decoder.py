@@ -93,9 +93,9 @@ class FewPixelColours:
         self.shift_steps = -offsets[:, 0] * self.frame.shape[1] - offsets[:, 1]   # p - d, as a flat step
 
     def __call__(self, pixels: torch.Tensor, shifts: torch.Tensor, last_idx: torch.Tensor,
-                 uncertain: torch.Tensor) -> torch.Tensor:
-        """(1, 540, 1 + num_colors, 64), (1, 540, S) logits, (1, 210, 160) last frame, (1, 540, 64) uncertain
-        pixels -> (1, 210, 160) uint8."""
+                 uncertain: torch.Tensor, continued: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, 540, 1 + num_colors, 64), (1, 540, S (+ 1)) logits, (1, 210, 160) last frame, (1, 540, 64) uncertain
+        pixels, with the continue class (1, 210, 160) its frame -> (1, 210, 160) uint8."""
         out = last_idx.clone()
         cell, pix = np.divmod(np.flatnonzero((uncertain[0] & self.inside).numpy()), CELL * CELL)   # (2-d nonzero: ~15x slower)
         if not len(cell):
@@ -106,9 +106,12 @@ class FewPixelColours:
         last = frame[at]                                                # (P,)
         src = frame[at[:, None] + self.shift_steps]                     # (P, S): the last frame at p - d
         src = np.where(src == 255, last[:, None], src)                  # outside the frame: the pixel's own
+        if continued is not None:                                       # the continue class: its frame at p
+            src = np.concatenate([src, continued[0].numpy().ravel()[self.in_image[cell, pix]][:, None]], 1)
         logits = np.concatenate([pixels[0].numpy()[cell, :, pix], shifts[0].numpy()[cell]], 1)
         odds = np.exp(logits - logits.max(1, keepdims=True))            # (P, classes), softmax's numerators
-        # the colour each class gives the pixel: keep -> last, 1 + c -> c, shift d -> the last frame at p - d
+        # the colour each class gives the pixel: keep -> last, 1 + c -> c, shift d -> the last frame at p - d,
+        # continue -> the continued frame at p
         colour_of = np.concatenate([last[:, None], np.broadcast_to(np.arange(nc), (len(cell), nc)), src], 1)
         row = np.arange(len(cell))
         mass = np.bincount((colour_of + row[:, None] * nc).ravel(), odds.ravel(), len(cell) * nc).reshape(-1, nc)
@@ -186,7 +189,9 @@ class CachedDecoder:
         cache.cells = cells
         pixels, shifts = m.split_head(cache.logits)
         if self.few_pixel_colours is not None:
-            return self.few_pixel_colours(pixels, shifts, ctx[:, -1], cache.decisions["uncertain"])
+            uncertain = cache.decisions["uncertain"]
+            continued = m.continued(ctx) if m.continue_motion and uncertain.any() else None
+            return self.few_pixel_colours(pixels, shifts, ctx[:, -1], uncertain, continued)
         if m.shift_gate:
             return m.decode_gated(pixels, shifts, ctx[:, -1], **cache.decisions)
         return m.decode_pixels(None, ctx[:, -1], **cache.decisions)

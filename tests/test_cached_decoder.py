@@ -10,6 +10,7 @@ from models.world_model import LatentActionModel, cells_any, grid_cells
 
 VARIANTS = {"shift classes": dict(shift_offsets=[[0, 3], [3, 0], [0, -3]]),
             "shift gate": dict(shift_offsets=[[0, 3], [3, 0]], shift_gate=True),
+            "continue class": dict(shift_offsets=[[5, 4], [0, 8], [0, 3]], continue_motion=True),
             "pixel classes": {}}
 
 

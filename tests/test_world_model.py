@@ -9,7 +9,7 @@ from common import UserError
 from conftest import TINY_WM, run_script
 import metrics
 from models.world_model import (GridNet, LatentActionModel, Palette, add_speckle, apply_change, change_target,
-                                fit_shift_offsets, from_cells, keep_bias_for, load_world_model, motion_weights,
+                                continued_frame, fit_shift_offsets, from_cells, keep_bias_for, load_world_model, motion_weights,
                                 near_cells, read_weights, save_weights, spatial_soft_argmax, to_cells)
 
 
@@ -141,6 +141,49 @@ def test_shift_offsets_are_fitted_to_how_objects_move_and_shift_sources_move_the
     ball, paddle = (f[1:] == 1), (f[1:] == 2)
     assert torch.equal(src[:, 0][ball], f[1:][ball]) and torch.equal(src[:, 1][paddle], f[1:][paddle])
     assert torch.equal(src[:, 2, :, :][:, -3:], f[:-1, -3:])   # a source outside the frame: the pixel's own colour
+
+
+def test_continued_frame_moves_each_object_by_its_own_last_step():
+    f = moving_objects(3)
+    cont = continued_frame(f[:2], f[1:2].expand(2, -1, -1).clone(), [[4, 4], [4, 6], [0, 8]])
+    ball = (f[2] == 1)
+    assert torch.equal(cont[0] == 1, ball)             # the ball's (4, 6) step taken again, its old place cleared
+    assert torch.equal(cont[1], f[1])                  # nothing changed between the two frames: nothing moves
+    # a 4-row ball stepping (6, 4) also fits (4, 4) at half its pixels: the neighbours' votes decide
+    prev, last = torch.zeros(2, 1, 210, 160, dtype=torch.uint8).unbind(0)
+    prev[0, 100:104, 50:52], last[0, 106:110, 54:56] = 1, 1
+    want = torch.zeros_like(last)
+    want[0, 112:116, 58:60] = 1
+    assert torch.equal(continued_frame(prev, last, [[4, 4], [6, 4]]), want)
+    # a pixel no offset explains stays where it is
+    last[0, 10, 10] = 2
+    assert continued_frame(prev, last, [[4, 4], [6, 4]])[0, 10, 10] == 2
+
+
+def test_the_continue_class_draws_the_continued_frame_and_counts_as_right_where_it_is():
+    torch.manual_seed(0)
+    m = tiny_model(keep_bias=keep_bias_for(10.0), shift_offsets=[[4, 4], [4, 6]], continue_motion=True).eval()
+    assert m.head[-1].out_features == 7 * 64 + 3 and m.hparams["continue_motion"]
+    f = moving_objects(3)
+    ctx, nxt = f[None, :2], f[2:3]
+    cont = m.continued(ctx)
+    cells = torch.full((1, 540, 7 + 3, 64), -20.0)
+    cells[:, :, 0] = 5.0
+    moved = to_cells((ctx[:, -1] != cont).float()).amax(-1) > 0           # where the continued frame differs
+    cells[0, moved[0], 0], cells[0, moved[0], 9] = 0.0, 6.0               # the continue class wins there
+    assert torch.equal(m.decode_colours(cells[:, :, :7], cells[:, :, 7:, 0], ctx[:, -1], continued=cont), cont)
+    with pytest.raises(ValueError, match="continued frame"):
+        m.decode_colours(cells[:, :, :7], cells[:, :, 7:, 0], ctx[:, -1])
+    loss = m.cell_loss(cells, ctx[:, -1], nxt, 10.0, continued=cont)
+    p = torch.softmax(cells, 2)
+    right = torch.nn.functional.one_hot(to_cells(change_target(ctx[:, -1], nxt)), 7).transpose(2, 3).bool()
+    right = torch.cat([right, m.shift_sources_cells(ctx[:, -1], cont) == to_cells(nxt)[:, :, None]], 2)
+    ball_cells = to_cells(((ctx[:, -1] == 1) | (nxt == 1)).float()).amax(-1) > 0
+    assert right[:, :, 9].all(-1)[ball_cells].all()                  # the ball's cells: continuing is right
+    w = to_cells(motion_weights(ctx[:, -1], nxt, 10.0)) * to_cells(torch.ones(1, 210, 160))
+    assert loss.item() == pytest.approx(((-(p * right).sum(2).log() * w).sum() / w.sum()).item(), rel=1e-4)
+    with pytest.raises(ValueError, match="needs shift offsets"):
+        tiny_model(continue_motion=True)
 
 
 def test_shift_classes_decode_a_moving_object_whole_and_keep_the_calibrated_decision():
@@ -398,24 +441,30 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     assert bad.returncode != 0 and "--ball_jitter must be in [0, 1]" in bad.stderr
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--shift-gate", check=False)
     assert bad.returncode != 0 and "set --shift_classes N too" in bad.stderr
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--continue-motion",
+                     check=False)
+    assert bad.returncode == 2 and "--continue_motion takes its steps from the shift classes" in bad.stderr
 
 
-@pytest.mark.parametrize("gate", [False, True])
-def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data, tiny_models, tmp_path, gate):
+@pytest.mark.parametrize("extra", ["", "--shift-gate", "--continue-motion"])
+def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data, tiny_models, tmp_path, extra):
     import shutil
 
     import atari_env
+    gate, cont = extra == "--shift-gate", extra == "--continue-motion"
     args = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--init-from", tiny_models / "world_model.safetensors",
             "--freeze-encoder", "--shift-classes", 4, "--shift-scan", 2, "--val-every", 3, *TINY_WM[:-6],
-            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled", *(["--shift-gate"] if gate else [])]
+            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled", *([extra] if extra else [])]
     run_script("train_latent_action.py", *args, "--steps", 3)
     first, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     offsets = meta["hparams"]["shift_offsets"]
-    assert 1 <= len(offsets) <= 4 and first.head[-1].out_features == (first.num_colors + 1) * 64 + len(offsets)
+    assert 1 <= len(offsets) <= 4 and first.head[-1].out_features == (first.num_colors + 1) * 64 + len(offsets) + cont
     assert first.shift_gate == gate and bool(meta["hparams"].get("shift_gate")) == gate
-    run_script("train_latent_action.py", *args[:-1] if gate else args, "--steps", 6, "--resume")   # the gate stays on
+    assert first.continue_motion == cont and bool(meta["hparams"].get("continue_motion")) == cont
+    run_script("train_latent_action.py", *args[:-1] if extra else args, "--steps", 6, "--resume")   # the flag stays on
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     assert meta["step"] == 6 and meta["hparams"]["shift_offsets"] == offsets and after.shift_gate == gate
+    assert after.continue_motion == cont
     before, _, _ = load_world_model(tiny_models / "world_model.safetensors")
     n = before.head[-1].out_features   # the old classes start where the --init_from weights left them
     assert not torch.equal(after.head[-1].weight[:n], before.head[-1].weight)
