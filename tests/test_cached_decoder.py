@@ -1,5 +1,5 @@
 """models/cached_decoder.py: the play step recomputed only where the frames changed must draw exactly what
-LatentActionModel.predict_next draws, for each of the three decodings, while computing less."""
+LatentActionModel.predict_next draws, for each decoding (pixel classes, shift classes, shift gate, continue class), while computing less."""
 import pytest
 import torch
 
