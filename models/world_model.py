@@ -616,7 +616,9 @@ class LatentActionModel(nn.Module):
             pixels, shifts = self.decode_split(context_idx, self.condition(self.codes_to_latent(codes), events))
             if self.shift_gate:
                 return self.decode_gated(pixels, shifts, context_idx[:, -1])
-            return self.decode_colours(pixels, shifts, context_idx[:, -1], continued=self.continued(context_idx))
+            uncertain = self.uncertain_cells(pixels, shifts)   # the continued frame only where a cell may change
+            continued = self.continued(context_idx) if uncertain.any() else None
+            return self.decode_colours(pixels, shifts, context_idx[:, -1], uncertain, continued)
         return self.decode_pixels(self.decode_cells(context_idx, self.codes_to_latent(codes), events), context_idx[:, -1])
 
     def pixel_changes(self, cells: torch.Tensor) -> torch.Tensor:
