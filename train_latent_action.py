@@ -254,6 +254,8 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
         if shown is None:   # the grid shows the transitions with the most motion
             order = mask.sum((1, 2)).argsort(descending=True)[:4].cpu().numpy()
             shown = (last_rgb[order].cpu().numpy(), real_rgb[order].cpu().numpy(), pred_rgb[order].cpu().numpy())
+            if cfg.game == "breakout":   # issue #4's bar, counted: is the ball drawn (whole, in place) in the grid
+                grid_balls = wm_metrics.ball_drawn_counts(pred[order], nxt[order], palette.colors)
     wm_metrics.error_grid(*shown, grid_path)
     tf = teacher_forced_psnr(model, val, cfg, colors, device, palette)
     if val_serves:
@@ -263,6 +265,7 @@ def validate(model: LatentActionModel, palette: Palette, val: gd.GameplayWindows
             "motion_psnr@1": acc["motion"].psnr, "copy_last_motion_psnr@1": acc["motion_copy"].psnr,
             "val_codes_used": len(codes_seen), **tf,
             **({f"{k}@1": balls[k] / balls["real_ball"] for k in ("ball_in_place", "ball_whole")} if balls["real_ball"] else {}),
+            **({f"grid_{k}": v for k, v in grid_balls.items()} if cfg.game == "breakout" else {}),
             **({"prior_latent_acc": prior_hits / len(pick)} if prior is not None else {})}
 
 

@@ -430,6 +430,8 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     assert meta["config"]["ball_jitter"] == 0.5 and meta["config"]["self_forcing"] == 0.5
     report = json.loads((tmp_path / "world_model_metrics.json").read_text())
     assert 0 <= report["ball_whole@1"] <= report["ball_in_place@1"] <= 1   # the random episodes show a ball
+    # the grid's four rows, counted the same way (issue #4's bar: the ball drawn in place in the grid)
+    assert 0 <= report["grid_ball_whole"] <= report["grid_ball_in_place"] <= report["grid_real_ball"] <= 4
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--turn-focus", 1,
                      check=False)
     assert bad.returncode != 0 and "--turn_focus must be in [0, 1)" in bad.stderr
