@@ -5,11 +5,13 @@
 
 Stores integers only and refers to the recorded frames by (episode file, step): no frame is copied.
 Per-episode results are written atomically under <data_dir>/latent_pairs/, so a rerun skips finished
-episodes; they are tied to the world model's weights (a hash), and redone if the model changes.
+episodes; they are tied to what decides the codes (a hash of the encoder, codebook, merges and palette) and redone
+if that changes. A decoder fine-tune (`train_latent_action.py --freeze_encoder`) keeps them.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from tqdm import tqdm
 import atari_env
 import gameplay_data as gd
 from common import UserError, arg, atomic_write, parse_config, pick_device, run_main, save_json
-from models.world_model import load_world_model
+from models.world_model import load_world_model, read_weights
 
 
 @dataclass
@@ -36,8 +38,21 @@ class Config:
     threads: int = arg(2, "torch CPU threads")
 
 
-def weights_hash(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+# the world model's parts that decide a transition's codes; the decoder's ("dec", "head", ...) do not
+ENCODER_PARTS = ("enc.", "enc_out.", "vq.")
+
+
+def encoder_hash(path: str | Path) -> str:
+    """A hash of everything that decides the codes: the encoder and codebook tensors, the code merges, the
+    palette and the frames the encoder reads. Equal for a decoder fine-tuned with a frozen encoder."""
+    tensors, meta = read_weights(path, "world_model")
+    hp = meta["hparams"]
+    h = hashlib.sha256(json.dumps([meta["palette"], hp.get("merged_codes"), hp.get("context"), hp.get("positional")]).encode())
+    for name in sorted(k for k in tensors if k.startswith(ENCODER_PARTS)):
+        t = tensors[name].contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def pairs_dir(data_dir: str | Path) -> Path:
@@ -61,15 +76,15 @@ def encode_episode(model, palette, path: Path, batch_size: int, device) -> dict:
 
 def load_pairs(data_dir: str | Path, files: list[Path], world_model_path: str | Path) -> dict[str, dict]:
     """{episode file stem: {"actions", "codes"}} for the given episodes, checked against the model."""
-    want = weights_hash(world_model_path)
+    want = encoder_hash(world_model_path)
     out = {}
     for f in files:
         p = pairs_dir(data_dir) / f"{f.stem}.npz"
         if not p.exists():
             raise UserError(f"no latent pairs for {f.name}; run collect_action_latent_pairs.py first")
         with np.load(p, allow_pickle=False) as z:
-            if str(z["world_model"]) != want:
-                raise UserError(f"{p} was encoded by another world model; rerun collect_action_latent_pairs.py")
+            if "encoder" not in z.files or str(z["encoder"]) != want:
+                raise UserError(f"{p} was encoded by another world model's encoder; rerun collect_action_latent_pairs.py")
             out[f.stem] = {"actions": z["actions"], "codes": z["codes"]}
     return out
 
@@ -90,14 +105,14 @@ def main(argv=None) -> None:
     files = gd.list_episodes(data_dir)
     if cfg.live > 0:
         files += gd.list_episodes(data_dir / "live")
-    tag = weights_hash(wm_path)
+    tag = encoder_hash(wm_path)
     out = pairs_dir(data_dir)
     todo = []
     for f in files:
         p = out / f"{f.stem}.npz"
         if p.exists():
             with np.load(p, allow_pickle=False) as z:
-                if str(z["world_model"]) == tag:
+                if "encoder" in z.files and str(z["encoder"]) == tag:
                     continue
         todo.append(f)
     print(f"{len(files) - len(todo)} of {len(files)} episodes already encoded with this world model")
@@ -106,7 +121,7 @@ def main(argv=None) -> None:
 
         def write(tmp, r=r):
             with open(tmp, "wb") as fh:
-                np.savez(fh, actions=r["actions"], codes=r["codes"], world_model=np.array(tag))
+                np.savez(fh, actions=r["actions"], codes=r["codes"], encoder=np.array(tag))
         atomic_write(out / f"{f.stem}.npz", write)
 
     pairs = load_pairs(data_dir, files, wm_path)
@@ -115,7 +130,7 @@ def main(argv=None) -> None:
     for r in pairs.values():
         for a, c in zip(r["actions"], r["codes"]):
             per_action[int(a)][tuple(int(x) for x in c)] += 1
-    report = {"world_model": tag, "episodes": len(pairs), "transitions": int(sum(len(r["actions"]) for r in pairs.values())),
+    report = {"encoder": tag, "episodes": len(pairs), "transitions": int(sum(len(r["actions"]) for r in pairs.values())),
               "per_action": {}}
     print(f"{report['transitions']:,} transitions encoded; latents per action (top 5):")
     for a in range(len(names)):

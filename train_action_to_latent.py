@@ -2,6 +2,7 @@
 
     python train_action_to_latent.py --game breakout                 # v2: frames + action (default)
     python train_action_to_latent.py --game breakout --model v1      # action only (baseline)
+    python train_action_to_latent.py --game breakout --eval_only   # re-validate the shipped weights (e.g. new decoder)
 
 Validation is on held-out *episodes* (the world model's split): token and whole-latent accuracy,
 per-action accuracy, a confusion matrix PNG, and what matters at play time: next-frame psnr@1 and
@@ -75,6 +76,8 @@ class Config:
     threads: int = arg(2, "torch CPU threads")
     seed: int = arg(0, "random seed")
     resume: bool = arg(False, "continue from <out_dir>/train/action_to_latent.pt")
+    eval_only: bool = arg(False, "only validate <out_dir>/action_to_latent.safetensors on the held-out episodes, with "
+                                 "--world_model's decoder (e.g. a decoder fine-tuned since; the pairs stay valid)")
     wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
 
 
@@ -209,6 +212,20 @@ def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def validate_saved(cfg: Config, out_dir: Path, wm, palette, wm_meta: dict, pairs: dict, val_files, device, names) -> None:
+    """--eval_only: the held-out validation of the saved weights with today's world model; writes
+    <out_dir>/action_to_latent_eval_only.json and leaves the training's metrics and weights alone."""
+    a2l, meta = load_action_to_latent(out_dir / "action_to_latent.safetensors", wm_meta, device)
+    cfg = dataclasses.replace(cfg, model=a2l.version)
+    val = PairWindows(gd.GameplayWindows(val_files, max(a2l.frames_seen, wm.context), max(4, len(val_files)),
+                                         palette.to_index, a2l.past_actions), pairs)
+    result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only")
+    result.update(step=meta.get("step"), world_model_step=wm_meta.get("step"), device=str(device))
+    save_json(out_dir / "action_to_latent_eval_only.json", result)
+    print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
+    print(f"confusion matrix: {out_dir / 'train' / 'action_to_latent_eval_only' / 'action_to_latent_confusion.png'}")
+
+
 def main(argv=None) -> None:
     cfg = parse_config(Config, argv, presets=PRESETS)
     atari_env.game_spec(cfg.game)
@@ -234,6 +251,9 @@ def main(argv=None) -> None:
     names = atari_env.action_names(cfg.game)
     train_files = gd.split_episodes(data_dir, "train", cfg.val_percent)
     val_files = gd.split_episodes(data_dir, "val", cfg.val_percent)
+    if cfg.eval_only:
+        return validate_saved(cfg, out_dir, wm, palette, wm_meta, load_pairs(data_dir, val_files, wm_path), val_files,
+                              device, names)
     pairs = load_pairs(data_dir, train_files + val_files, wm_path)
     a2l_context = (cfg.context or wm.context) if cfg.model == "v2" else wm.context
     if a2l_context < 1 or cfg.event_context < 0:

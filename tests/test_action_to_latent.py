@@ -38,6 +38,20 @@ def test_trains_end_to_end_and_resumes(tiny_data, tiny_models, tmp_path, version
     assert meta["hparams"]["version"] == version and meta["step"] == 20
 
 
+def test_eval_only_revalidates_the_saved_weights(tiny_data, tiny_models, tmp_path):
+    """Same weights, same held-out transitions: the numbers the training reported at its last step, and nothing trained."""
+    import shutil
+    shutil.copy(tiny_models / "action_to_latent.safetensors", tmp_path)
+    run_script("train_action_to_latent.py", "--data-dir", tiny_data, "--world-model", tiny_models / "world_model.safetensors",
+               "--out-dir", tmp_path, "--eval-only", "--val-samples", 64, "--threads", 1, "--wandb", "disabled")
+    again = json.loads((tmp_path / "action_to_latent_eval_only.json").read_text())
+    trained = json.loads((tiny_models / "action_to_latent_v2_metrics.json").read_text())
+    for key in ("latent_acc", "token_acc", "latent_frame_match", "motion_psnr@1_encoder_latent"):
+        assert again[key] == pytest.approx(trained[key]), key
+    assert again["step"] == trained["step"] and not (tmp_path / "train" / "action_to_latent.pt").exists()
+    assert (tmp_path / "train" / "action_to_latent_eval_only" / "action_to_latent_confusion.png").exists()
+
+
 def test_weights_for_another_game_or_latent_shape_are_refused(tiny_models, tmp_path):
     wm, _, wm_meta = load_world_model(tiny_models / "world_model.safetensors")
     a2l, meta = load_action_to_latent(tiny_models / "action_to_latent.safetensors", wm_meta)

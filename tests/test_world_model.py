@@ -6,6 +6,7 @@ import torch
 
 import gameplay_data as gd
 from common import UserError
+from collect_action_latent_pairs import ENCODER_PARTS
 from conftest import TINY_WM, run_script
 import metrics
 from models.world_model import (GridNet, LatentActionModel, Palette, add_speckle, apply_change, change_target,
@@ -422,9 +423,21 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     b, a = before.state_dict(), after.state_dict()
     for k in b:
-        if k.startswith(("enc.", "enc_out.", "vq.")):
+        if k.startswith(ENCODER_PARTS):
             assert torch.equal(a[k], b[k]), k
     assert not all(torch.equal(a[k], b[k]) for k in b if k.startswith(("dec.", "head.")))
+    # so the stage-4 pairs stay valid: they are tied to the encoder's hash, which the fine-tune keeps
+    from collect_action_latent_pairs import encoder_hash, load_pairs
+    assert encoder_hash(tmp_path / "world_model.safetensors") == encoder_hash(tiny_models / "world_model.safetensors")
+    f = gd.list_episodes(tiny_data)[0]
+    assert np.array_equal(load_pairs(tiny_data, [f], tmp_path / "world_model.safetensors")[f.stem]["codes"],
+                          load_pairs(tiny_data, [f], tiny_models / "world_model.safetensors")[f.stem]["codes"])
+    with torch.no_grad():   # an encoder that changed does not pass
+        after.enc_out[0].bias.add_(1.0)
+    save_weights(tmp_path / "moved.safetensors", after, meta)
+    assert encoder_hash(tmp_path / "moved.safetensors") != encoder_hash(tiny_models / "world_model.safetensors")
+    with pytest.raises(UserError, match="another world model's encoder"):
+        load_pairs(tiny_data, [f], tmp_path / "moved.safetensors")
     assert meta["config"]["freeze_encoder"] and meta["hparams"]["width"] == before.hparams["width"]
     assert meta["config"]["ball_weight"] == 4 and meta["config"]["turn_focus"] == 0.3 and meta["config"]["fast_ball_px"] == 6
     assert meta["config"]["ball_jitter"] == 0.5 and meta["config"]["self_forcing"] == 0.5
