@@ -83,7 +83,7 @@ class FewPixelColours:
     def __init__(self, model: LatentActionModel):
         offsets = np.array(model.shift_offsets)
         self.reach = reach = int(np.abs(offsets).max())
-        self.num_colors, self.boost = model.num_colors, math.exp(model.keep_bias)
+        self.model, self.num_colors = model, model.num_colors   # keep_bias is read at each step: callers may set it
         self.frame = np.full((GH * CELL + 2 * reach, W + 2 * reach), 255, np.uint8)   # 255: outside the frame
         y = (np.arange(GH * GW) // GW)[:, None] * CELL + np.arange(CELL * CELL) // CELL    # (540, 64) pixel rows
         x = (np.arange(GH * GW) % GW)[:, None] * CELL + np.arange(CELL * CELL) % CELL
@@ -115,7 +115,7 @@ class FewPixelColours:
         colour_of = np.concatenate([last[:, None], np.broadcast_to(np.arange(nc), (len(cell), nc)), src], 1)
         row = np.arange(len(cell))
         mass = np.bincount((colour_of + row[:, None] * nc).ravel(), odds.ravel(), len(cell) * nc).reshape(-1, nc)
-        mass[row, last] *= self.boost
+        mass[row, last] *= math.exp(self.model.keep_bias)
         out[0].numpy().ravel()[self.in_image[cell, pix]] = mass.argmax(1)
         return out
 
@@ -153,8 +153,9 @@ class CachedDecoder:
 
     def _read_weights(self) -> None:
         """The convolutions as (9 * width, width) matmul weights and the projection transposed, read again
-        (and every cache dropped) whenever a parameter changed since they were read."""
-        version = [p._version for p in self.params]
+        (and every cache dropped) whenever a parameter or the keep bias (the cached decisions read it) changed
+        since they were read."""
+        version = [p._version for p in self.params] + [self.model.keep_bias]
         if version == self._weights_version:
             return
         dec = self.model.dec

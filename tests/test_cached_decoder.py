@@ -114,3 +114,19 @@ def test_changed_weights_drop_the_caches():
         cache.predict_next(frames[None, 0:2], codes)
         m.head[-1].bias.add_(torch.randn_like(m.head[-1].bias) * 30)   # as an optimizer step would
         assert torch.equal(cache.predict_next(frames[None, 1:3], codes), m.predict_next(frames[None, 1:3], codes))
+
+
+def test_a_changed_keep_bias_is_used_at_once():
+    """evaluate_world_model.py --keep_bias sets it on a built env: the cached step must decode with it too."""
+    m = untrained_but_decisive(**VARIANTS["continue class"])
+    cache, frames = CachedDecoder(m), moving_frames(6)
+    codes = torch.tensor([[1]])
+    with torch.no_grad():
+        first = cache.predict_next(frames[None, 0:2], codes)
+        drawn = []
+        for bias in (0.0, 6.0):
+            m.keep_bias = bias
+            got = cache.predict_next(frames[None, 1:3], codes)
+            assert torch.equal(got, m.predict_next(frames[None, 1:3], codes)), bias
+            drawn.append(got)
+    assert not torch.equal(drawn[0], drawn[1]) and first.shape == drawn[0].shape   # the bias does change the frame
