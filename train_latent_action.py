@@ -122,6 +122,10 @@ class Config:
     seed: int = arg(0, "random seed")
     resume: bool = arg(False, "continue from <out_dir>/train/world_model.pt")
     eval_only: bool = arg(False, "only validate <out_dir>/world_model.safetensors on the held-out episodes")
+    keep_bias: float = arg(-1.0, "decoding's keep-logit bias, stored with the weights (-1: log(1 + motion_weight), the "
+                                 "prior correction for the motion-weighted loss); with --eval_only: validate with it")
+    store_keep_bias: bool = arg(False, "with --eval_only and --keep_bias: then write that bias into the weights' "
+                                       "hyperparameters (tensors unchanged; shipped model: README stage 3, session 29)")
     wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
 
 
@@ -317,7 +321,10 @@ def teacher_forced_psnr(model: LatentActionModel, val: gd.GameplayWindows, cfg: 
 
 def validate_saved(cfg: Config, out_dir: Path, val_files, device) -> None:
     """--eval_only: the held-out validation of the saved weights, as decoded today (e.g. after a decoding fix)."""
-    model, palette, meta = load_world_model(out_dir / "world_model.safetensors", cfg.game, device)
+    path = out_dir / "world_model.safetensors"
+    model, palette, meta = load_world_model(path, cfg.game, device)
+    if cfg.keep_bias >= 0:
+        model.keep_bias = model.hparams["keep_bias"] = cfg.keep_bias
     val = gd.GameplayWindows(val_files, model.context, max(4, len(val_files)), frame_transform=palette.to_index)
     grid = out_dir / "train" / "world_model" / "val_grid_eval_only.png"
     grid.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +334,9 @@ def validate_saved(cfg: Config, out_dir: Path, val_files, device) -> None:
     save_json(out_dir / "world_model_eval_only.json", result)
     print("\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
     print(f"grid: {grid}")
+    if cfg.store_keep_bias:   # a decoding setting, chosen after training: the validation it got goes with it
+        save_weights(path, model, {**meta, "hparams": model.hparams, "validation": result})
+        print(f"{path}: keep_bias {model.keep_bias} stored")
 
 
 def main(argv=None) -> None:
@@ -349,6 +359,8 @@ def main(argv=None) -> None:
         raise UserError("--fast_ball_px adds to --turn_focus's draws; set --turn_focus too")
     if cfg.gate_weight < 0:
         raise UserError(f"--gate_weight must be >= 0, got {cfg.gate_weight}")
+    if cfg.store_keep_bias and not (cfg.eval_only and cfg.keep_bias >= 0):
+        raise UserError("--store_keep_bias writes the bias that --eval_only validated: set --eval_only and --keep_bias B")
     if cfg.merge_codes and not (cfg.init_from or cfg.resume):
         raise UserError("--merge_codes needs --init_from: it names codes of a trained world model")
     if cfg.prior_from and not (cfg.init_from or cfg.resume):
@@ -429,7 +441,7 @@ def main(argv=None) -> None:
         raise UserError("--continue_motion takes its steps from the shift classes: set --shift_classes N, without --shift_gate")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
-                              keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
+                              cfg.keep_bias if cfg.keep_bias >= 0 else keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
                               merged_codes(cfg, init_meta, state), places, shifts, cfg.shift_gate,
                               cfg.continue_motion).to(device)
     if init is not None:   # strict=False only for an event table the --init_from weights did not have

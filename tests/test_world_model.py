@@ -395,6 +395,18 @@ def test_eval_only_validates_the_saved_weights(tiny_data, tiny_models, tmp_path)
     report = json.loads((tmp_path / "world_model_eval_only.json").read_text())
     assert report["keep_bias"] == pytest.approx(np.log(11)) and np.isfinite(report["motion_psnr@1"])
     assert not (tmp_path / "train" / "world_model.pt").exists()     # nothing trained
+    # another decoding bias: validated with it, and stored only when asked, with the same tensors
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--store-keep-bias",
+                     check=False)
+    assert bad.returncode != 0 and "--store_keep_bias writes the bias" in bad.stderr
+    run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--eval-only", "--keep-bias", 0.5,
+               "--store-keep-bias", "--val-samples", 64, "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled")
+    assert json.loads((tmp_path / "world_model_eval_only.json").read_text())["keep_bias"] == 0.5
+    before, _ = read_weights(tiny_models / "world_model.safetensors", "world_model")
+    after, meta = read_weights(tmp_path / "world_model.safetensors", "world_model")
+    assert meta["hparams"]["keep_bias"] == 0.5 and meta["validation"]["keep_bias"] == 0.5
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert load_world_model(tmp_path / "world_model.safetensors")[0].keep_bias == 0.5
 
 
 def test_latent_target_is_t_to_t_plus_1(tiny_data, tiny_models):
