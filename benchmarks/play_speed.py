@@ -12,6 +12,7 @@ chain (play_sps) is env.step with random keys, with and without the cache.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -59,8 +60,11 @@ def play_sps(env, seconds: float = 5.0) -> float:
 
 
 if __name__ == "__main__":
-    game = sys.argv[1] if len(sys.argv) > 1 else "breakout"
-    folder = sys.argv[2] if len(sys.argv) > 2 else None
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("game", nargs="?", default="breakout", choices=list(atari_env.GAMES), help="game")
+    parser.add_argument("folder", nargs="?", default=None, help="checkpoint folder (default checkpoints/<game>)")
+    args = parser.parse_args()
+    game, folder = args.game, args.folder
     envs = {cached: atari_env.make_neural_env(game, folder, device="cpu", cached_decoder=cached) for cached in (False, True)}
     wm = envs[False].world_model
     torch.set_num_threads(2)
