@@ -123,7 +123,8 @@ class Config:
     resume: bool = arg(False, "continue from <out_dir>/train/world_model.pt")
     eval_only: bool = arg(False, "only validate <out_dir>/world_model.safetensors on the held-out episodes")
     keep_bias: float = arg(-1.0, "decoding's keep-logit bias, stored with the weights (-1: log(1 + motion_weight), the "
-                                 "prior correction for the motion-weighted loss); with --eval_only: validate with it")
+                                 "prior correction for the motion-weighted loss; an --init_from fine-tune does not inherit a stored one); "
+                                 "with --eval_only: validate with it")
     store_keep_bias: bool = arg(False, "with --eval_only and --keep_bias: then write that bias into the weights' "
                                        "hyperparameters (tensors unchanged; shipped model: README stage 3, session 29)")
     wandb: str = arg("offline", "wandb mode", choices=["offline", "online", "disabled"])
