@@ -10,6 +10,7 @@ Then: peak RSS of a 1M-transition FrameReplay, every page touched.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import resource
 import subprocess
@@ -82,6 +83,7 @@ def replay_peak_rss_gb() -> float:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()   # no options; --help shows what it does
     proj_sps, proj_ups = project_loop()
     plain_sps, plain_ups = plain_loop()
     print(f"project loop (8-env vector env, overlapped update): {proj_sps:7.1f} env steps/s, {proj_ups:6.1f} updates/s")

@@ -10,6 +10,7 @@ cannot (the serve's place). README, stage 5.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -89,4 +90,7 @@ def main(ckpt: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "checkpoints/breakout"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="checkpoints/breakout", type=Path,
+                        help="folder with world_model and action_to_latent .safetensors")
+    main(parser.parse_args().folder)

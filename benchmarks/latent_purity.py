@@ -7,6 +7,7 @@ their (a_t-1, a_t). Used to choose the codebook size (README, stage 3).
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,8 +22,10 @@ from models.world_model import load_world_model  # noqa: E402
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+", help="world_model .safetensors files")
     torch.set_num_threads(2)
-    for path in sys.argv[1:]:
+    for path in parser.parse_args().weights:
         model, palette, meta = load_world_model(path)
         val = gd.GameplayWindows(gd.split_episodes(f"data/{meta['game']}", "val"), model.context, 32,
                                  frame_transform=palette.to_index)

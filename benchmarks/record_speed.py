@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 if __name__ == "__main__":
-    workers = sys.argv[1] if len(sys.argv) > 1 else "2"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workers", nargs="?", default="2", help="recording processes")
+    workers = parser.parse_args().workers
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, str(ROOT / "record_videos.py"), "--policy", "random", "--total_videos", "40",
                         "--output_dir", d, "--workers", workers], check=True, capture_output=True, cwd=ROOT)

@@ -14,6 +14,7 @@ no frame predicts, so only the latent can tell the decoder where. For each world
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -90,8 +91,10 @@ def encoder_side(model, palette, files) -> tuple[float, float, float, int]:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("weights", nargs="+", help="Breakout world_model .safetensors files")
     torch.set_num_threads(2)
-    for path in sys.argv[1:]:
+    for path in parser.parse_args().weights:
         model, palette, meta = load_world_model(path)
         if meta["game"] != "breakout":
             sys.exit(f"{path}: the serve probe is for Breakout, not {meta['game']}")

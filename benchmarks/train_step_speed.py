@@ -10,6 +10,7 @@ emulator. Prints seconds per step, the share of CPU time the process spent in th
 """
 from __future__ import annotations
 
+import argparse
 import resource
 import subprocess
 import sys
@@ -67,8 +68,11 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         run(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1")
         sys.exit(0)
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("steps", nargs="?", type=int, default=20, help="steps timed per setting")
+    parser.add_argument("batch", nargs="?", type=int, default=32, help="batch size")
+    args = parser.parse_args()
+    steps, batch = args.steps, args.batch
     print(f"world-model training step, batch {batch}, {steps} steps timed, 2 threads")
     for keep in (False, True, False, True):   # alternating: this VM's speed drifts
         subprocess.run([sys.executable, __file__, "--child", str(steps), str(batch), "1" if keep else "0"], check=True)

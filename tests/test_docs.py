@@ -1,6 +1,9 @@
 """The README and docs/results/ point at files and scripts that exist: a moved or renamed file must not leave
 a link or a command in the docs that leads nowhere."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +35,15 @@ def test_the_readme_names_only_scripts_that_exist():
     named = set(SCRIPT.findall((ROOT / "README.md").read_text()))
     assert "train_latent_action.py" in named and "benchmarks/play_speed.py" in named   # the pattern finds them
     assert not [s for s in named if not (ROOT / s).exists()], sorted(s for s in named if not (ROOT / s).exists())
+
+
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+                 if '__name__ == "__main__"' in p.read_text())   # the modules (atari_env.py, metrics.py, ...) are not run
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_answers_help(script):
+    """Every stage script and benchmark prints its usage for --help and exits 0, without running anything."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "WANDB_MODE": "disabled", "SDL_VIDEODRIVER": "dummy"})
+    assert proc.returncode == 0 and "usage:" in proc.stdout, f"{script}: {proc.returncode}\n{proc.stderr[-1500:]}"
