@@ -522,6 +522,21 @@ def test_world_model_training_resumes(tiny_data, tmp_path):
     assert bad.returncode == 2 and "codebook_size" in bad.stderr
 
 
+def test_minutes_stops_training_by_the_clock_validates_and_resume_continues_the_clock(tiny_data, tmp_path):
+    args = ("--data-dir", tiny_data, "--out-dir", tmp_path, "--steps", 100000, "--val-every", 100000, *TINY_WM)
+    out = run_script("train_latent_action.py", *args, "--minutes", 0.02)
+    state = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)
+    assert f"--minutes 0.02 reached at step {state['step']}" in out.stdout
+    assert 1 <= state["step"] < 100000 and state["train_seconds"] >= 1.2
+    report = json.loads((tmp_path / "world_model_metrics.json").read_text())
+    assert report["step"] == state["step"] and "psnr@1" in report              # the last step was validated
+    out = run_script("train_latent_action.py", *args, "--resume")              # its clock has run out: nothing to do
+    assert torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)["step"] == state["step"]
+    out = run_script("train_latent_action.py", *args, "--resume", "--minutes", 0.04)
+    again = torch.load(tmp_path / "train" / "world_model.pt", weights_only=True)
+    assert again["step"] > state["step"] and again["train_seconds"] >= 2.4
+
+
 def test_action_prior_pulls_the_encoder_output_toward_the_predicted_code():
     torch.manual_seed(0)
     m = tiny_model()
