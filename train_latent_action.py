@@ -34,7 +34,7 @@ from models.world_model import (ActionToLatent, LatentActionModel, Palette, add_
 PRESETS = {
     # the shipped decoder's output classes, from scratch; on a 2-core CPU the clock ends it (README stage 3, session 30)
     "quick": dict(steps=3000, batch_size=32, val_every=1000, lr=1e-3, shift_classes=24, continue_motion=True,
-                  turn_focus=0.25, minutes=28.0, amp=cpu_has_bf16_units()),
+                  turn_focus=0.25, keep_tiebreak=0.1, minutes=28.0, amp=cpu_has_bf16_units()),
     "full": dict(steps=60000, batch_size=128, val_every=2000, lr=5e-4, amp=True, width=128, depth=4,
                  cache_episodes=256),
 }
@@ -102,6 +102,9 @@ class Config:
     continue_motion: bool = arg(False, "with shift classes: one more class per grid cell, 'the pixel shows the frame in which "
                                        "every moving object took its last step again' (models.world_model.continued_frame), "
                                        "so a cell needs to know that the motion goes on, not its step (README stage 3)")
+    keep_tiebreak: float = arg(0.0, "with --shift_classes (no gate): extra weight on -log p(keep) in the grid cells where "
+                                    "nothing changes, where a same-colour shift is right too; without it a model trained from "
+                                    "scratch is never sure to keep, and decoding loses its fast path (README stage 3)")
     gate_weight: float = arg(0.25, "with --shift_gate: weight of the gate's loss beside the pixels' (which is ~0.001-0.01 "
                                    "per pixel for a trained Breakout model, the gate's ~0.1 per cell at its start)")
     init_from: str = arg("", "start from these world_model.safetensors (architecture and palette follow them)")
@@ -388,6 +391,7 @@ def main(argv=None) -> None:
         state["config"].setdefault("events", False)
         state["config"].setdefault("shift_gate", False)
         state["config"].setdefault("continue_motion", False)
+        state["config"].setdefault("keep_tiebreak", 0.0)
         cfg = restore_config(cfg, state["config"], fixed=ARCHITECTURE + PRIOR_ARCHITECTURE + ("merge_codes",))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -448,11 +452,15 @@ def main(argv=None) -> None:
         print(f"shift classes (dy, dx): {shifts}")
     if cfg.shift_gate and not shifts:
         raise UserError("--shift_gate trains shift classes: set --shift_classes N too")
+    if cfg.keep_tiebreak < 0 or (cfg.keep_tiebreak and (not shifts or cfg.shift_gate)):
+        raise UserError(f"--keep_tiebreak (>= 0, got {cfg.keep_tiebreak}) breaks ties between keep and the shift classes: "
+                        "set --shift_classes N, without --shift_gate")
     if cfg.continue_motion and (not shifts or cfg.shift_gate):
         raise UserError("--continue_motion takes its steps from the shift classes: set --shift_classes N, without --shift_gate")
     model = LatentActionModel(len(palette), cfg.context, cfg.width, cfg.depth, cfg.embed_dim, cfg.enc_width,
                               cfg.enc_depth, cfg.num_tokens, cfg.codebook_size, cfg.code_dim, cfg.head_hidden,
-                              cfg.keep_bias if cfg.keep_bias >= 0 else keep_bias_for(cfg.motion_weight), cfg.dead_code, cfg.positional,
+                              cfg.keep_bias if cfg.keep_bias >= 0 else keep_bias_for(cfg.motion_weight, cfg.keep_tiebreak),
+                              cfg.dead_code, cfg.positional,
                               merged_codes(cfg, init_meta, state), places, shifts, cfg.shift_gate,
                               cfg.continue_motion).to(device)
     if init is not None:   # strict=False only for an event table the --init_from weights did not have
@@ -550,7 +558,7 @@ def main(argv=None) -> None:
                 if cfg.ball_weight:   # the cells the ball can reach from where it is at t (the real frame)
                     scale = 1 + cfg.ball_weight * near_cells(wm_metrics.ball_pixels(history[:, -1], palette.colors))
                 recon = model.cell_loss(cells, ctx[:, -1], nxt, cfg.motion_weight, scale, cfg.gate_weight,
-                                        model.continued(ctx))
+                                        model.continued(ctx), cfg.keep_tiebreak)
                 loss = recon + commit.sum()
                 if prior is not None:   # the prior learns the encoder's codes; the encoder is pulled toward its guess
                     prior_logits = prior(action, history[:, 1:], past_actions)

@@ -220,13 +220,14 @@ def motion_weights(last_idx: torch.Tensor, next_idx: torch.Tensor, weight: float
     return 1.0 + weight * (last_idx != next_idx).float()
 
 
-def keep_bias_for(motion_weight: float) -> float:
+def keep_bias_for(motion_weight: float, keep_tiebreak: float = 0.0) -> float:
     """Decoding correction for the motion-weighted loss. A changing pixel's target is a 'change' class and
     weighs 1 + w, a kept pixel's target is class 0 and weighs 1: class weights, so the trained softmax
     learns p(c)·w_c and overrates every change by the factor 1 + w. Adding log(1 + w) to the keep logit
     before the argmax undoes that. Without it the raw argmax sprinkles low-confidence changes that open-
-    loop play feeds back and grows into red speckle (README, evaluation: psnr@16 27.5 -> 32.0 dB)."""
-    return float(np.log1p(motion_weight))
+    loop play feeds back and grows into red speckle (README, evaluation: psnr@16 27.5 -> 32.0 dB).
+    The keep tie-break (cell_loss) weighs a kept pixel's keep class by a further 1 + t, so it is taken off."""
+    return float(np.log1p(motion_weight) - np.log1p(keep_tiebreak))
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -551,19 +552,21 @@ class LatentActionModel(nn.Module):
 
     def cell_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
                   motion_weight: float, cell_scale: torch.Tensor | None = None, gate_weight: float = 1.0,
-                  continued: torch.Tensor | None = None) -> torch.Tensor:
+                  continued: torch.Tensor | None = None, keep_tiebreak: float = 0.0) -> torch.Tensor:
         """Motion-weighted cross-entropy, computed in the cell layout (no full-image reshuffle).
         `cell_scale` (B, 27, 20), when given, multiplies the weights of each grid cell's pixels. It must be
         read from the input (e.g. near_cells around the ball at t), never from the next frame: a weight that
         depends on the outcome would bias the argmax toward it, which keep_bias only undoes for the motion weight.
-        `continued`: the continue class's frame (self.continued of the decoder's context), with that class."""
+        `continued`: the continue class's frame (self.continued of the decoder's context), with that class.
+        `keep_tiebreak` (shift classes): see shift_class_loss."""
         target = to_cells(change_target(last_idx, next_idx))                   # (B, 540, 64)
         weight = to_cells(motion_weights(last_idx, next_idx, motion_weight))
         if cell_scale is not None:
             weight = weight * cell_scale.flatten(1)[..., None]
         weight = weight * to_cells(torch.ones_like(last_idx, dtype=torch.float32))   # 0 on the padding rows
         if self.shift_offsets and not self.shift_gate:   # several classes can be right: -log of their summed probability
-            return (self.shift_class_loss(cells, last_idx, next_idx, target, continued) * weight).sum() / weight.sum()
+            loss = self.shift_class_loss(cells, last_idx, next_idx, target, continued, keep_tiebreak)
+            return (loss * weight).sum() / weight.sum()
         c1 = self.num_colors + 1
         # classes on dim 1 with the 64 pixels contiguous behind them: log-softmax vectorises well
         ce = F.cross_entropy(cells[:, :, :c1].flatten(0, 1).float(), target.flatten(0, 1), reduction="none")
@@ -593,11 +596,19 @@ class LatentActionModel(nn.Module):
         return (logits.logsumexp(-1) - logits.masked_fill(~right, float("-inf")).logsumexp(-1)).mean()
 
     def shift_class_loss(self, cells: torch.Tensor, last_idx: torch.Tensor, next_idx: torch.Tensor,
-                         target: torch.Tensor, continued: torch.Tensor | None = None) -> torch.Tensor:
+                         target: torch.Tensor, continued: torch.Tensor | None = None,
+                         keep_tiebreak: float = 0.0) -> torch.Tensor:
         """-> (B, 540, 64) per-pixel -log p(a right class): the pixel's own class (target) or any shift whose
         source has the next colour. Computed from the per-cell shift logits, not as a softmax over the
         (B, 540, 1 + C + S, 64) classes: with 24 shift classes a training step took ~2.8 s that way, ~2.1 s this
-        way, ~1.25 s without shift classes (batch 32, 2 threads, session 18's VM)."""
+        way, ~1.25 s without shift classes (batch 32, 2 threads, session 18's VM).
+        `keep_tiebreak` t adds t * -log p(keep) at the pixels of the cells where nothing changes. Without it keep
+        and a same-colour shift are equally right there, and a model trained from scratch puts its mass on the
+        shifts (one per-cell logit covers a whole static cell): its frames are right, but no cell is sure to keep,
+        so decoding never takes its fast path (README stage 3: 85 instead of ~380 steps/s). Not in a cell that
+        changes: there one shift (continuing the ball's step) is right at every pixel, while keep would have to
+        learn, pixel by pixel, where the ball lands (tried on every unchanged pixel: the ball drawn whole fell
+        from ~0.64 to 0.33 at step 1,000, session 33)."""
         c1 = self.num_colors + 1
         pix, shift = cells[:, :, :c1].float(), cells[:, :, c1:, 0].float()          # (B, 540, C1, 64), (B, 540, S)
         top = shift.amax(2, keepdim=True)
@@ -606,6 +617,9 @@ class LatentActionModel(nn.Module):
         right_shift = self.shift_sources_cells(last_idx, continued) == to_cells(next_idx)[:, :, None]   # (B, 540, S, 64)
         shift_mass = torch.einsum("bcsp,bcs->bcp", right_shift.float(), odds)
         right = torch.logaddexp(pix.gather(2, target[:, :, None]).squeeze(2), shift_mass.clamp_min(1e-30).log() + top)
+        if keep_tiebreak:
+            static = (target == 0).all(-1, keepdim=True)                            # (B, 540, 1)
+            return every - right + keep_tiebreak * static * (every - pix[:, :, 0])
         return every - right
 
     @torch.no_grad()

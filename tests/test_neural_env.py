@@ -337,3 +337,26 @@ def test_ball_flight_groups_open_flight_by_the_last_step(tiny_data, tiny_models)
     for row in rows:   # the repeat rate and the model's two rates are fractions
         assert all(0 <= float(x) <= 1 for x in row.replace("%", "").replace("/", "|").split("|")[4:-1])
 
+
+
+def test_play_speed_hands_another_models_dream_to_a_decoder_in_its_own_palette(tiny_models, monkeypatch):
+    play_speed = load_benchmark("play_speed")
+    monkeypatch.setattr(play_speed, "EPISODES", 1)
+    monkeypatch.setattr(play_speed, "STEPS", 6)
+    env = atari_env.make_neural_env("breakout", tiny_models, device="cpu", cached_decoder=False)
+    calls = play_speed.record_dream(env)
+    assert len(calls) == 6
+    colors = env.unwrapped.palette.colors
+    shuffled = Palette(colors[::-1].copy())                  # the other model's palette: same colours, other indices
+    wm = env.unwrapped.world_model
+    moved = play_speed.translate_dream(calls, env, wm, shuffled)
+    for (ctx, codes, events), (new_ctx, new_codes, new_events) in zip(calls, moved):
+        assert not torch.equal(new_ctx, ctx) and np.array_equal(shuffled.colors[new_ctx.numpy()], colors[ctx.numpy()])
+        assert torch.equal(new_codes, codes % wm.codebook_size) and new_events is (events if wm.num_events else None)
+    assert np.isnan(play_speed.uncertain_cells(wm, calls)) == (not wm.shift_offsets)
+    still = torch.zeros(1, 2, 210, 160, dtype=torch.uint8)
+    served = still.clone()
+    served[0, 1, 150:154, 40:42] = 1                          # a ball appears: 8 pixels change
+    two_colours = np.array([[0, 0, 0], [200, 72, 72]], np.uint8)
+    assert play_speed.dream_motion([(still, None, None), (served, None, None)], two_colours, "breakout") == \
+        "4.0 pixels change a step, a ball on screen in 50% of the steps"

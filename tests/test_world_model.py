@@ -244,6 +244,36 @@ def test_shift_classes_decode_a_moving_object_whole_and_keep_the_calibrated_deci
         assert torch.equal(got, p_keep <= 1 / (1 + np.exp(m.keep_bias))) and 0 < got.float().mean() < 1
 
 
+def test_keep_tiebreak_moves_a_static_cell_from_a_same_colour_shift_to_keep():
+    """Keep and a shift whose source has the same colour are both right where nothing changes, so the plain
+    loss has no gradient between them; the tie-break adds t * -log p(keep) in the cells where nothing changes,
+    and only there (in a changing cell one shift stays as good as keep at its unchanged pixels)."""
+    torch.manual_seed(0)
+    m = tiny_model(keep_bias=keep_bias_for(10.0, 0.1), shift_offsets=[[4, 6], [0, 8]])
+    assert m.keep_bias == pytest.approx(np.log(10.0))                  # log(1 + 10) - log(1 + 0.1)
+    f = moving_objects(2)
+    last, nxt = f[:1], f[1:]
+    logits = torch.full((1, 540, 7 + 2, 64), -5.0)
+    logits[:, :, 7] = 4.0                                               # a from-scratch model: mass on shift (4, 6)
+    target = to_cells(change_target(last, nxt))
+    w = to_cells(motion_weights(last, nxt, 10.0)) * to_cells(torch.ones(1, 210, 160))
+    p_keep = torch.softmax(logits, 2)[:, :, 0]
+    plain, tied = (m.cell_loss(logits, last, nxt, 10.0, keep_tiebreak=t) for t in (0.0, 0.1))
+    extra = (0.1 * (target == 0).all(-1, keepdim=True) * -p_keep.log() * w).sum() / w.sum()
+    assert tied.item() == pytest.approx((plain + extra).item(), rel=1e-4)
+    both_right = (target == 0) & (m.shift_sources_cells(last) == to_cells(nxt)[:, :, None]).all(2)
+    static = (both_right & (w > 0)).all(-1)[0]                          # whole cells where keep and both shifts are right
+    assert 400 < static.sum() < 540
+    moving = (target != 0).any(-1)[0]
+    grads = []
+    for t in (0.0, 0.1):
+        x = logits.clone().requires_grad_()
+        m.cell_loss(x, last, nxt, 10.0, keep_tiebreak=t).backward()
+        grads.append(x.grad[0])
+    assert grads[0][static, 0].abs().max() < 1e-9 < (-grads[1][static, 0]).min()   # only the tie-break raises keep there
+    assert moving.sum() >= 4 and torch.equal(grads[0][moving], grads[1][moving])
+
+
 def test_shift_gate_targets_loss_and_decoding_copy_a_moving_object_whole():
     torch.manual_seed(0)
     m = tiny_model(keep_bias=keep_bias_for(10.0), shift_offsets=[[4, 6], [0, 8], [-3, 0]], shift_gate=True).eval()
@@ -471,6 +501,9 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_codebook(tiny_data, tiny_mode
     bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--continue-motion",
                      check=False)
     assert bad.returncode == 2 and "--continue_motion takes its steps from the shift classes" in bad.stderr
+    bad = run_script("train_latent_action.py", "--data-dir", tiny_data, "--out-dir", tmp_path, "--keep-tiebreak", 0.1,
+                     check=False)
+    assert bad.returncode == 2 and "--keep_tiebreak (>= 0, got 0.1) breaks ties" in bad.stderr
 
 
 @pytest.mark.parametrize("extra", ["", "--shift-gate", "--continue-motion"])
@@ -481,13 +514,17 @@ def test_shift_classes_fine_tune_resumes_and_the_neural_env_plays_them(tiny_data
     gate, cont = extra == "--shift-gate", extra == "--continue-motion"
     args = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--init-from", tiny_models / "world_model.safetensors",
             "--freeze-encoder", "--shift-classes", 4, "--shift-scan", 2, "--val-every", 3, *TINY_WM[:-6],
-            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled", *([extra] if extra else [])]
+            "--rollout-starts", 2, "--threads", 1, "--wandb", "disabled", *(["--keep-tiebreak", 0.1] if cont else []),
+            *([extra] if extra else [])]
     run_script("train_latent_action.py", *args, "--steps", 3)
     first, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     offsets = meta["hparams"]["shift_offsets"]
     assert 1 <= len(offsets) <= 4 and first.head[-1].out_features == (first.num_colors + 1) * 64 + len(offsets) + cont
     assert first.shift_gate == gate and bool(meta["hparams"].get("shift_gate")) == gate
     assert first.continue_motion == cont and bool(meta["hparams"].get("continue_motion")) == cont
+    tiebreak = 0.1 if cont else 0.0                  # and its decoding bias follows (keep_bias_for)
+    assert meta["config"]["keep_tiebreak"] == tiebreak
+    assert first.keep_bias == pytest.approx(keep_bias_for(meta["config"]["motion_weight"], tiebreak))
     run_script("train_latent_action.py", *args[:-1] if extra else args, "--steps", 6, "--resume")   # the flag stays on
     after, _, meta = load_world_model(tmp_path / "world_model.safetensors")
     assert meta["step"] == 6 and meta["hparams"]["shift_offsets"] == offsets and after.shift_gate == gate
