@@ -226,7 +226,8 @@ def keep_bias_for(motion_weight: float, keep_tiebreak: float = 0.0) -> float:
     learns p(c)·w_c and overrates every change by the factor 1 + w. Adding log(1 + w) to the keep logit
     before the argmax undoes that. Without it the raw argmax sprinkles low-confidence changes that open-
     loop play feeds back and grows into red speckle (README, evaluation: psnr@16 27.5 -> 32.0 dB).
-    The keep tie-break (cell_loss) weighs a kept pixel's keep class by a further 1 + t, so it is taken off."""
+    The keep tie-break (shift_class_loss) weighs the keep class of a still cell's pixels by a further 1 + t, so
+    log(1 + t) is taken off."""
     return float(np.log1p(motion_weight) - np.log1p(keep_tiebreak))
 
 
@@ -605,7 +606,7 @@ class LatentActionModel(nn.Module):
         `keep_tiebreak` t adds t * -log p(keep) at the pixels of the cells where nothing changes. Without it keep
         and a same-colour shift are equally right there, and a model trained from scratch puts its mass on the
         shifts (one per-cell logit covers a whole static cell): its frames are right, but no cell is sure to keep,
-        so decoding never takes its fast path (README stage 3: 85 instead of ~380 steps/s). Not in a cell that
+        so decoding never takes its fast path (README stage 3: 81 instead of 427 cached steps/s on the same dream). Not in a cell that
         changes: there one shift (continuing the ball's step) is right at every pixel, while keep would have to
         learn, pixel by pixel, where the ball lands (tried on every unchanged pixel: the ball drawn whole fell
         from ~0.64 to 0.33 at step 1,000, session 33)."""
