@@ -107,11 +107,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     game, folder = args.game, args.folder
     envs = {cached: atari_env.make_neural_env(game, folder, device="cpu", cached_decoder=cached) for cached in (False, True)}
-    wm = envs[False].world_model
+    wm, palette = envs[False].world_model, envs[False].unwrapped.palette
     torch.set_num_threads(2)
     if args.dream_from:
         source = atari_env.make_neural_env(game, args.dream_from, device="cpu", cached_decoder=False)
-        calls = translate_dream(record_dream(source), source, wm, envs[False].unwrapped.palette)
+        calls = translate_dream(record_dream(source), source, wm, palette)
     else:
         calls = record_dream(envs[False])
     for threads in (1, 2):
@@ -132,5 +132,5 @@ if __name__ == "__main__":
     n_a2l = sum(p.numel() for p in envs[False].a2l.parameters())
     print(f"decoder parameters {n_dec:,}; action->latent parameters {n_a2l:,}; "
           f"dream{' of ' + args.dream_from if args.dream_from else ''}: {EPISODES} starts x {STEPS} random-key steps, "
-          f"{len(calls)} decoder calls ({dream_motion(calls, envs[False].unwrapped.palette.colors, game)}); "
+          f"{len(calls)} decoder calls ({dream_motion(calls, palette.colors, game)}); "
           f"cells with an unsure keep class (median of every 10th call): {unsure:g} of 540")

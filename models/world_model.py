@@ -606,10 +606,10 @@ class LatentActionModel(nn.Module):
         `keep_tiebreak` t adds t * -log p(keep) at the pixels of the cells where nothing changes. Without it keep
         and a same-colour shift are equally right there, and a model trained from scratch puts its mass on the
         shifts (one per-cell logit covers a whole static cell): its frames are right, but no cell is sure to keep,
-        so decoding never takes its fast path (README stage 3: 81 instead of 427 cached steps/s on the same dream). Not in a cell that
-        changes: there one shift (continuing the ball's step) is right at every pixel, while keep would have to
-        learn, pixel by pixel, where the ball lands (tried on every unchanged pixel: the ball drawn whole fell
-        from ~0.64 to 0.33 at step 1,000, session 33)."""
+        so decoding never takes its fast path (README stage 3: 81 instead of 427 cached steps/s on the same
+        dream). Not in a cell that changes: there one shift (continuing the ball's step) is right at every pixel,
+        while keep would have to learn, pixel by pixel, where the ball lands (tried on every unchanged pixel: the
+        ball drawn whole fell from ~0.64 to 0.33 at step 1,000, session 33)."""
         c1 = self.num_colors + 1
         pix, shift = cells[:, :, :c1].float(), cells[:, :, c1:, 0].float()          # (B, 540, C1, 64), (B, 540, S)
         top = shift.amax(2, keepdim=True)

@@ -338,7 +338,6 @@ def test_ball_flight_groups_open_flight_by_the_last_step(tiny_data, tiny_models)
         assert all(0 <= float(x) <= 1 for x in row.replace("%", "").replace("/", "|").split("|")[4:-1])
 
 
-
 def test_play_speed_hands_another_models_dream_to_a_decoder_in_its_own_palette(tiny_models, monkeypatch):
     play_speed = load_benchmark("play_speed")
     monkeypatch.setattr(play_speed, "EPISODES", 1)
