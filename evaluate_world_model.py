@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
     out_dir = Path(cfg.out_dir or ckpt / "evaluation")
     env = atari_env.make_neural_env(cfg.game, ckpt, cfg.device)
-    k, n_actions, n_past = env.context_length, env.action_space.n, env.a2l.past_actions
+    k, n_actions, n_past = env.context_length, env.action_space.n, env.a2l.keys_seen
     if cfg.keep_bias >= 0:
         env.world_model.keep_bias = cfg.keep_bias
     files, eps, starts, rng = held_out_starts(data_dir, env.world_model.context, cfg)
@@ -232,7 +232,7 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     ctx = np.stack([gd.history(eps[e]["frames"], t, k) for e, t in picks])
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
-    n = env.a2l.past_actions
+    n = env.a2l.keys_seen
     past = torch.from_numpy(np.stack([gd.past_actions(eps[e]["actions"], t, n) for e, t in picks])).to(env.device)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)

@@ -57,6 +57,12 @@ class Config:
                                   "only transitions where a serve can follow; chosen by input, so the odds stay calibrated)")
     init_from: str = arg("", "start from these action_to_latent.safetensors (same world model and code trunk)")
     events_only: bool = arg(False, "train only the event head (codes stay those of --init_from)")
+    history_keys: int = arg(0, "keys before a_t read by a history head that also reads the event head's frames and "
+                               "adds to the code logits (0: none); the shipped model: 8, trained with --history_only "
+                               "(README stage 5, session 34)")
+    history_width: int = arg(256, "hidden width of the history head")
+    history_only: bool = arg(False, "train only the history head of an --init_from model, on the frozen parts' "
+                                    "features computed once per transition (minutes); events stay those of --init_from")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
                                  "and it leaves the right wall only after 2-3 LEFT presses: README stage 5)")
     # on: the paddle's step under a key depends on its absolute column, which a translation-equivariant
@@ -106,7 +112,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     tok_ok = whole_ok = frame_ok = n = 0
     per_action = np.zeros((A, 2))
     colors = torch.as_tensor(palette.colors, device=device)
-    acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy")}
+    acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy", "m_true_event")}
     generator = torch.Generator().manual_seed(cfg.seed)   # the event's place is sampled (as at play time)
     events_seen = np.zeros(4, dtype=np.int64)   # real events, of them fired, of them at the right place; false alarms
     ball_ok = ball_n = 0   # the event head's per-frame "ball on screen" vs the object detector
@@ -150,6 +156,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
             acc["m_" + key].add(out, real, mask)
         # codes can be redundant (two codes, one frame): what counts is the frame the decoder draws
         frame_ok += (frames["pred"] == frames["enc"]).flatten(1).all(1).sum().item()
+        if pred_events is not None:   # the predicted codes with the real event: the codes' share of the gap
+            acc["m_true_event"].add(colors[wm.predict_next(ctx, pred, true_events).long()], real, mask)
         acc["copy"].add(colors[ctx[:, -1].long()], real)
         acc["m_copy"].add(colors[ctx[:, -1].long()], real, mask)
     plot_confusion(conf, out_dir / "action_to_latent_confusion.png", cfg.model)
@@ -158,6 +166,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
            "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
            "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
            "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
+    if a2l.num_events:   # the serve's place is the game's random pick: no model can match it
+        res["motion_psnr@1_predicted_latent_true_event"] = acc["m_true_event"].psnr
     if a2l.num_events and events_seen[0]:
         res.update(event_recall=events_seen[1] / events_seen[0], event_place_acc=events_seen[2] / events_seen[0],
                    event_false_alarm=events_seen[3] / max(1, n - events_seen[0]), val_events=int(events_seen[0]))
@@ -169,25 +179,66 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     return res
 
 
+class CachedBatches:
+    """--history_only's batches: shuffled rows of frozen_history_inputs' tensors, one pass per iteration."""
+
+    def __init__(self, inputs: torch.Tensor, base: torch.Tensor, codes: torch.Tensor, batch_size: int, seed: int):
+        self.inputs, self.base, self.codes, self.batch_size = inputs, base, codes, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.codes), generator=self.generator)
+        for b in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            i = order[b:b + self.batch_size]
+            yield {"input": self.inputs[i], "base": self.base[i], "codes": self.codes[i]}
+
+
 def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
     """Load --init_from's weights into `a2l`: every tensor of the code trunk must fit; event-head tensors
     that do not (a new event head) start fresh."""
     tensors = load_action_to_latent(path, wm_meta)[0].state_dict()   # the same game and latent shape, or a clear error
     own = a2l.state_dict()
     fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in fits and not k.startswith("event_")]
+    missing = [k for k in own if k not in fits and not k.startswith(("event_", "history_"))]
     if missing:
         raise UserError(f"--init_from {path} does not fit this model's code trunk ({missing[0]}, ...): "
                         "give the same --width, --depth, --past_actions, --context")
     a2l.load_state_dict(fits, strict=False)
-    print(f"started from {path}: {len(fits)} tensors, {len(own) - len(fits)} new (event head)")
+    print(f"started from {path}: {len(fits)} tensors, {len(own) - len(fits)} new (event or history head)")
 
 
-def train_only_event_head(a2l: ActionToLatent) -> None:
-    """--events_only: freeze all but the event head. Its fixed colour codes (FrameEmbed) stay fixed: their
-    backward over 8 frames a window cost 1.5 s a step (session 16's head-only runs paid it)."""
+def train_only(a2l: ActionToLatent, prefix: str) -> None:
+    """--events_only / --history_only: freeze all but that head. The event head's fixed colour codes
+    (FrameEmbed) stay fixed: their backward over 8 frames a window cost 1.5 s a step (session 16's head-only
+    runs paid it)."""
     for name, p in a2l.named_parameters():
-        p.requires_grad_(p.requires_grad and name.startswith("event_"))
+        p.requires_grad_(p.requires_grad and name.startswith(prefix))
+
+
+@torch.no_grad()
+def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, batch: int = 256):
+    """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
+    logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
+    is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does:
+    the same frames before an episode's start, test_history_head_...)."""
+    a2l.eval()
+    xs, base, codes = [], [], []
+    w = windows.w
+    for e in tqdm(range(len(w.files)), desc="frozen features", unit="episode", dynamic_ncols=True):
+        ep = w.episode(e)
+        frames, T = torch.from_numpy(ep["frames"]).to(device), len(ep["actions"])
+        summaries = torch.cat([a2l.frame_summaries(frames[None, s:s + batch]) for s in range(0, T, batch)], 1)[0]
+        for s in range(0, T, batch):
+            t = np.arange(s, min(T, s + batch))
+            act = torch.from_numpy(ep["actions"][t].astype(np.int64)).to(device)
+            past = torch.from_numpy(np.stack([gd.past_actions(ep["actions"], u, a2l.keys_seen) for u in t])).to(device)
+            f = a2l.features(act, frames[np.stack([gd.history(np.arange(T), u, a2l.context) for u in t])], past)
+            window = summaries[np.stack([gd.history(np.arange(T), u, a2l.event_context) for u in t])]
+            xs.append(a2l.history_input(f, window, act, past).cpu())
+            base.append(a2l.out(f).cpu())
+        codes.append(torch.as_tensor(windows.pairs[w.files[e].stem]["codes"][:T]).long())
+    a2l.train()
+    return torch.cat(xs), torch.cat(base), torch.cat(codes)
 
 
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
@@ -218,7 +269,7 @@ def validate_saved(cfg: Config, out_dir: Path, wm, palette, wm_meta: dict, pairs
     a2l, meta = load_action_to_latent(out_dir / "action_to_latent.safetensors", wm_meta, device)
     cfg = dataclasses.replace(cfg, model=a2l.version)
     val = PairWindows(gd.GameplayWindows(val_files, max(a2l.frames_seen, wm.context), max(4, len(val_files)),
-                                         palette.to_index, a2l.past_actions), pairs)
+                                         palette.to_index, a2l.keys_seen), pairs)
     result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only")
     result.update(step=meta.get("step"), world_model_step=wm_meta.get("step"), device=str(device))
     save_json(out_dir / "action_to_latent_eval_only.json", result)
@@ -236,12 +287,14 @@ def main(argv=None) -> None:
     state = None
     if cfg.resume:   # continue as configured: what this command does not set comes from the checkpoint
         state = load_checkpoint(ckpt_path, "action_to_latent_train")
-        for name in ("context", "event_context", "event_depth", "event_focus"):   # runs from before these options
+        for name in ("context", "event_context", "event_depth", "event_focus", "history_keys"):   # runs from before these options
             state["config"].setdefault(name, 0)
+        state["config"].setdefault("history_width", 256)
         state["config"].setdefault("event_ball_weight", 0.0)
         state["config"].setdefault("event_ball_pos_weight", 100.0)
         cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
-                                                                 "width", "depth", "past_actions", "positional"))
+                                                                 "width", "depth", "past_actions", "positional",
+                                                                 "history_keys", "history_width"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -263,19 +316,29 @@ def main(argv=None) -> None:
         raise UserError(f"--event_focus must be in [0, 1), --event_ball_weight >= 0 and --event_ball_pos_weight > 0, "
                         f"got {cfg.event_focus}, {cfg.event_ball_weight} and {cfg.event_ball_pos_weight}")
     past_actions = cfg.past_actions if cfg.model == "v2" else 0
+    if cfg.history_keys < 0 or (cfg.history_keys and not (cfg.model == "v2" and cfg.event_context and wm.num_events)):
+        raise UserError(f"--history_keys {cfg.history_keys}: the history head reads the event head's frames, so it needs "
+                        "--model v2, --event_context > 0 and a world model with events")
+    if cfg.history_only and (cfg.events_only or not (cfg.init_from and cfg.history_keys)):
+        raise UserError("--history_only trains the history head (--history_keys > 0) of an --init_from model, "
+                        "without --events_only")
     a2l = ActionToLatent(cfg.model, len(names), len(palette), a2l_context, wm.num_tokens, wm.codebook_size, cfg.width,
                          cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
                          num_events=wm.num_events, event_context=cfg.event_context, event_width=cfg.event_width,
-                         event_depth=cfg.event_depth).to(device)
+                         event_depth=cfg.event_depth, history_keys=cfg.history_keys,
+                         history_width=cfg.history_width).to(device)
     if cfg.init_from and state is None:
         start_from(a2l, cfg.init_from, wm_meta)
     if cfg.events_only:
         if not (cfg.init_from and a2l.num_events):
             raise UserError("--events_only trains the event head of an --init_from model, for a world model with events")
-        train_only_event_head(a2l)
+        train_only(a2l, "event_")
+    if cfg.history_only:
+        train_only(a2l, "history_")
     k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
-    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, past_actions), pairs)
-    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, past_actions), pairs)
+    n_keys = a2l.keys_seen
+    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, n_keys), pairs)
+    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, n_keys), pairs)
     opt = torch.optim.AdamW([p for p in a2l.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
@@ -297,6 +360,8 @@ def main(argv=None) -> None:
     sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
                                      focus_fraction=cfg.event_focus)
     loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    if cfg.history_only:   # after --resume has loaded the frozen parts
+        loader = CachedBatches(*frozen_history_inputs(a2l, train, device), cfg.batch_size, cfg.seed)
     logger = MetricLogger(out_dir / "train" / "action_to_latent", f"neural-atari-action-to-latent-{cfg.game}",
                           dataclasses.asdict(cfg), mode=cfg.wandb, resume=cfg.resume)
     meta = {"kind": "action_to_latent", "game": cfg.game, "hparams": a2l.hparams, "temperature": cfg.temperature,
@@ -314,9 +379,15 @@ def main(argv=None) -> None:
     try:
         while step < cfg.steps:
             for items in loader:
-                ctx, act, codes = items["context"].to(device), items["action"].to(device), items["codes"].to(device)
-                logits, event_logits, ball_cells = a2l.forward_events(act, ctx if cfg.model == "v2" else None,
-                                                                      items["past_actions"].to(device), ball=True)
+                codes = items["codes"].to(device)
+                if cfg.history_only:   # the frozen trunk's logits + the history head's
+                    logits = (items["base"].to(device) + a2l.history_head(items["input"].to(device))).view(
+                        len(codes), wm.num_tokens, wm.codebook_size)
+                    event_logits = ball_cells = None
+                else:
+                    ctx, act = items["context"].to(device), items["action"].to(device)
+                    logits, event_logits, ball_cells = a2l.forward_events(act, ctx if cfg.model == "v2" else None,
+                                                                          items["past_actions"].to(device), ball=True)
                 loss = 0 if cfg.events_only else F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 if event_logits is not None:   # the world model's events, read off the real frames
                     events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
@@ -343,6 +414,8 @@ def main(argv=None) -> None:
                                f"same frame as the encoder's latent {last_val['latent_frame_match']:.3f}, "
                                f"motion_psnr@1 predicted {last_val['motion_psnr@1_predicted_latent']:.2f} / encoder "
                                f"{last_val['motion_psnr@1_encoder_latent']:.2f} / copy-last {last_val['copy_last_motion_psnr@1']:.2f}"
+                               + (f" / predicted codes, real event {last_val['motion_psnr@1_predicted_latent_true_event']:.2f}"
+                                  if a2l.num_events else "")
                                + (f"; serves: {last_val['event_recall']:.3f} foreseen, {last_val['event_place_acc']:.3f} at "
                                   f"the right place, false alarms {last_val['event_false_alarm']:.4f}" if "event_recall" in last_val else ""))
                     checkpoint()

@@ -47,7 +47,7 @@ def main(ckpt: Path) -> None:
     torch.set_num_threads(2)
     wm, palette, meta = load_world_model(ckpt / "world_model.safetensors")
     a2l, _ = load_action_to_latent(ckpt / "action_to_latent.safetensors", meta)
-    k, n_past = max(wm.context, a2l.frames_seen), a2l.past_actions   # each model reads its last frames of the k
+    k, n_past = max(wm.context, a2l.frames_seen), a2l.keys_seen   # each model reads its last frames of the k
     by_kind, codes_n, codes_miss, confusions, wall = Counter(), Counter(), Counter(), Counter(), Counter()
     for f in gd.split_episodes(f"data/{meta['game']}", "val"):
         ep = gd.load_episode(f, keys=("frames", "actions"))

@@ -80,7 +80,7 @@ def event_odds(env, files) -> dict[str, np.ndarray]:
         for b in range(0, len(actions), 256):
             ts = range(b, min(b + 256, len(actions)))
             ctx = torch.from_numpy(np.stack([gd.history(idx, t, k) for t in ts])).to(env.device)
-            past = torch.from_numpy(np.stack([gd.past_actions(actions, t, a2l.past_actions) for t in ts])).to(env.device)
+            past = torch.from_numpy(np.stack([gd.past_actions(actions, t, a2l.keys_seen) for t in ts])).to(env.device)
             events = a2l.forward_events(torch.as_tensor(actions[b:b + len(ts)], device=env.device), ctx, past)[1]
             odds += (1 - events.float().softmax(-1)[:, 0]).cpu().tolist()
             kinds += ["serve" if t in serves else "ball" if ball[t] else "fire_no_ball" if actions[t] == FIRE
@@ -105,7 +105,7 @@ def main() -> None:
           "served / not served")
     print("  " + ", ".join(f"{j}{'+' if j == max(table) else ''}: {s} / {n}" for j, (s, n) in table.items()))
     env = atari_env.make_neural_env("breakout", args.checkpoint_dir, "cpu")
-    k, n_past = env.context_length, env.a2l.past_actions
+    k, n_past = env.context_length, env.a2l.keys_seen
     if env.a2l.num_events:
         odds = event_odds(env, files[: args.odds_episodes])
         print(f"event odds on every transition of {min(args.odds_episodes, len(files))} held-out episodes (p of some event;"

@@ -753,12 +753,15 @@ class ActionToLatent(nn.Module):
     `positional`, the frame encoder knows where each grid cell is and is also pooled by where its
     features fire (as the world model's encoder is), so it can tell "paddle at the wall" or "ball about to
     reach the bricks" from anywhere else. It reads the last `context` frames it is given (fewer: the oldest
-    repeated), its event head the last `event_context` (frames_seen: the longer of the two)."""
+    repeated), its event head the last `event_context` (frames_seen: the longer of the two); an optional
+    history head reads those frames' readings and the last `history_keys` keys (keys_seen: the longer key
+    history of the two)."""
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
                  codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
                  past_actions: int | None = None, positional: bool = False, num_events: int = 0,
-                 event_context: int = 0, event_width: int = 16, event_depth: int = 0):
+                 event_context: int = 0, event_width: int = 16, event_depth: int = 0, history_keys: int = 0,
+                 history_width: int = 256):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
@@ -798,12 +801,32 @@ class ActionToLatent(nn.Module):
         self.event_ball = nn.Conv2d(event_width, 1, 1) if self.event_context else None
         ev_dim = in_dim + (3 * event_width + 1) * self.event_context
         self.event_out = nn.Sequential(nn.Linear(ev_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
+        # The history head: what the code trunk's two frames and five keys leave open is mostly the paddle,
+        # whose step depends on keys and positions further back (it winds up past the right wall). It reads
+        # the trunk's features, the event head's readings of its frames and the last `history_keys` keys,
+        # and adds to the trunk's code logits: its last layer starts at zero, so an untrained head changes
+        # nothing and it can be trained alone on a trained model (train_action_to_latent --history_only).
+        if history_keys and not self.event_context:
+            raise ValueError("the history head reads the event head's frames: it needs event_context > 0 and events")
+        self.history_keys, self.history_head = history_keys, None
+        if self.history_keys:
+            self.hparams.update(history_keys=history_keys, history_width=history_width)
+            hist_dim = in_dim + (3 * event_width + 1) * self.event_context + num_actions * (history_keys + 1)
+            # affine-free BatchNorm: the inputs (pooled features, soft-argmax places, one-hot keys) come on
+            # very different scales; per-feature standardising learned them better than a LayerNorm did
+            self.history_head = nn.Sequential(nn.BatchNorm1d(hist_dim, affine=False), nn.Linear(hist_dim, history_width),
+                                              nn.SiLU(), nn.Linear(history_width, history_width), nn.SiLU(),
+                                              nn.Linear(history_width, num_tokens * codebook_size))
+            nn.init.zeros_(self.history_head[-1].weight)
+            nn.init.zeros_(self.history_head[-1].bias)
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
                 past_actions: torch.Tensor | None = None) -> torch.Tensor:
         """-> (B, num_tokens, codebook_size) code logits. `past_actions`: (B,) a_t-1, or (B, n) the n
         actions before a_t, oldest first; NOOP (0) where unknown (also when None or shorter than the
         model's history)."""
+        if self.history_head is not None:   # it reads the event head's frames too
+            return self.forward_events(action, context_idx, past_actions)[0]
         return self.out(self.features(action, context_idx, past_actions)).view(-1, self.num_tokens, self.codebook_size)
 
     def forward_events(self, action, context_idx=None, past_actions=None, ball: bool = False, summaries=None):
@@ -812,21 +835,36 @@ class ActionToLatent(nn.Module):
         (or None). `summaries`: frame_summaries of the last event_context frames, kept by a caller that
         steps through time (the neural env), instead of reading them again from `context_idx`."""
         f = self.features(action, context_idx, past_actions)
-        codes = self.out(f).view(-1, self.num_tokens, self.codebook_size)
+        codes = self.out(f)
         events = ball_cells = None
+        if self.event_frames is not None and summaries is None:
+            pooled, ball_cells = self.event_history(context_idx)
+            summaries = self.summarize(pooled, ball_cells)
+        if self.history_head is not None:
+            codes = codes + self.history_head(self.history_input(f, summaries, action, past_actions))
         if self.event_out is not None:
-            if self.event_frames is not None:
-                if summaries is None:
-                    pooled, ball_cells = self.event_history(context_idx)
-                    summaries = self.summarize(pooled, ball_cells)
+            if summaries is not None:
                 f = torch.cat([f, summaries[..., :-1].flatten(1), summaries[..., -1]], 1)
             events = self.event_out(f)
+        codes = codes.view(-1, self.num_tokens, self.codebook_size)
         return (codes, events, ball_cells) if ball else (codes, events)
+
+    def history_input(self, features, summaries, action, past_actions=None) -> torch.Tensor:
+        """-> (B, history head's input): the trunk's features, the event head's readings of its frames
+        (B, event_context, 3 * event_width + 1) and the keys a_t-history_keys..a_t, one-hot."""
+        keys = torch.cat([self.pad_history(action, past_actions)[:, self.keys_seen - self.history_keys:],
+                          action.long().view(-1, 1)], 1)
+        return torch.cat([features, summaries.flatten(1), F.one_hot(keys, self.num_actions).flatten(1).float()], 1)
 
     @property
     def frames_seen(self) -> int:
         """How many recent frames the model reads (its callers keep at least this history)."""
         return max(self.context, self.event_context)
+
+    @property
+    def keys_seen(self) -> int:
+        """How many keys before a_t the model reads (its callers pass at least this many)."""
+        return max(self.past_actions, self.history_keys)
 
     def event_history(self, context_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, k, 210, 160) -> the event head's reading of the last event_context frames (encode_frames)."""
@@ -855,7 +893,7 @@ class ActionToLatent(nn.Module):
     def features(self, action, context_idx=None, past_actions=None) -> torch.Tensor:
         a = self.action_embed(action.long())
         if self.prev_action_embed is not None:
-            past = self.pad_history(action, past_actions)
+            past = self.pad_history(action, past_actions)[:, self.keys_seen - self.past_actions:]
             lag = torch.arange(self.past_actions, 0, -1, device=past.device) - 1   # 0 = a_t-1
             a = a + self.prev_action_embed(lag * self.num_actions + past).sum(1)
         if self.frames is not None:
@@ -865,8 +903,8 @@ class ActionToLatent(nn.Module):
         return a
 
     def pad_history(self, action: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
-        """-> (B, past_actions) long, oldest first, NOOP-padded on the left."""
-        n = self.past_actions
+        """-> (B, keys_seen) long, oldest first, NOOP-padded on the left."""
+        n = self.keys_seen
         if past is None or n == 0:
             return torch.zeros(len(action), n, dtype=torch.long, device=action.device)
         past = past.long().view(len(action), -1)[:, -n:]

@@ -124,12 +124,71 @@ def test_v2_reads_its_last_context_frames_and_repeats_the_oldest_when_given_fewe
 
 
 def test_events_only_trains_the_event_head_and_keeps_fixed_colour_codes_fixed():
-    from train_action_to_latent import train_only_event_head
+    from train_action_to_latent import train_only
     a2l = ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, past_actions=2, positional=True, num_events=3,
                          event_context=4, event_width=4)
     fixed = {n for n, p in a2l.named_parameters() if not p.requires_grad}
     assert "event_frames.embed.embed.weight" in fixed
-    train_only_event_head(a2l)
+    train_only(a2l, "event_")
     trained = {n for n, p in a2l.named_parameters() if p.requires_grad}
     assert trained and all(n.startswith("event_") for n in trained) and not trained & fixed
     assert {"event_out.0.weight", "event_ball.weight", "event_frames.proj.weight"} <= trained
+
+
+def history_model(**kw) -> ActionToLatent:
+    torch.manual_seed(0)
+    return ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, past_actions=2, positional=True, num_events=3,
+                          event_context=5, event_width=4, **kw).eval()
+
+
+def test_history_head_starts_as_the_trunk_and_reads_older_keys_and_frames():
+    """Untrained (last layer zero) it changes no code logit; trained, it reads keys and frames older than the
+    trunk's (2 keys, 2 frames): up to its history_keys keys and the event head's event_context frames."""
+    a2l, plain = history_model(history_keys=6), history_model()
+    assert a2l.keys_seen == 6 and plain.keys_seen == 2
+    plain.load_state_dict({k: v for k, v in a2l.state_dict().items() if not k.startswith("history_")})
+    act, past = torch.tensor([3, 2]), torch.tensor([[1, 2, 3, 1, 2, 3], [0, 0, 1, 1, 2, 2]])
+    idx = torch.randint(0, 6, (2, 7, 210, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        codes, events = a2l.forward_events(act, idx, past)
+        assert all(torch.equal(x, y) for x, y in zip((codes, events), plain.forward_events(act, idx, past)))
+        torch.nn.init.normal_(a2l.history_head[-1].weight)
+        codes = a2l(act, idx, past)
+        assert torch.equal(a2l.forward_events(act, idx, past)[1], events)   # the events are the event head's alone
+        for lag, reads in ((0, True), (3, True), (5, True)):   # past[:, lag] is a_t-6+lag: all six are read
+            other = past.clone()
+            other[:, lag] = (other[:, lag] + 1) % 4
+            assert (not torch.equal(a2l(act, idx, other), codes)) == reads, lag
+            assert torch.equal(plain(act, idx, other), plain(act, idx, past)) == (lag < 4), lag
+        assert torch.equal(a2l(act, idx, torch.cat([torch.full((2, 3), 2), past], 1)), codes)   # older: not read
+        for t, reads in ((-4, True), (-5, True), (-6, False)):
+            changed = idx.clone()
+            changed[:, t] = (changed[:, t] + 1) % 6
+            assert (not torch.equal(a2l(act, changed, past), codes)) == reads, t
+    with pytest.raises(ValueError, match="event"):
+        ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, history_keys=4)
+
+
+def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
+    """The cached inputs --history_only trains on give the same code logits as the model itself, on every
+    transition, the first steps of an episode (repeated frames, NOOP keys) included."""
+    from train_action_to_latent import PairWindows, frozen_history_inputs, train_only
+    _, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
+    files = gd.split_episodes(tiny_data, "train")[:2]
+    a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
+                         num_events=3, event_context=5, event_width=4, history_keys=6)
+    torch.nn.init.normal_(a2l.history_head[-1].weight)
+    a2l.history_head[0].running_var.fill_(4.0)   # not the identity, so the eval-mode statistics are used
+    train_only(a2l, "history_")
+    assert all(n.startswith("history_") for n, p in a2l.named_parameters() if p.requires_grad)
+    windows = gd.GameplayWindows(files, 5, 2, palette.to_index, a2l.keys_seen)
+    pairs = {f.stem: {"codes": np.zeros((len(windows.episode(e)["actions"]), 1), np.int16)} for e, f in enumerate(files)}
+    inputs, base, codes = frozen_history_inputs(a2l, PairWindows(windows, pairs), "cpu")
+    assert len(inputs) == len(base) == len(codes) == len(windows) and a2l.training
+    a2l.eval()
+    with torch.no_grad():
+        cached = base + a2l.history_head(inputs)
+        for i in [0, 1, 2, 5, len(windows) - 1]:
+            item = windows[i]
+            direct = a2l(torch.tensor([item["action"]]), item["context"][None], item["past_actions"][None])
+            assert torch.allclose(cached[i], direct.flatten(), atol=1e-4), i

@@ -135,6 +135,7 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
                "--event-focus", 0.5)
     report = json.loads((wm_dir / "action_to_latent_v2_metrics.json").read_text())
     assert 0 <= report["event_ball_acc"] <= 1 and report["config"]["event_ball_weight"] > 0
+    assert np.isfinite(report["motion_psnr@1_predicted_latent_true_event"])
     a2l, a2l_meta = load_action_to_latent(wm_dir / "action_to_latent.safetensors", meta)
     assert a2l.num_events == wm.num_events and (a2l.context, a2l.event_context) == (2, 8)
     with pytest.raises(UserError, match="events"):   # an event head for another world model is refused
@@ -152,7 +153,31 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
                      "--out-dir", tmp_path / "head", "--steps", 2, "--width", 16, "--wandb", "disabled",
                      "--init-from", wm_dir / "action_to_latent.safetensors", "--events-only", check=False)
     assert bad.returncode == 2 and "does not fit" in bad.stderr.strip().splitlines()[-1]
+    # a history head trained alone on it (--history_only, resumed): the trunk and the event head do not move
+    hist = ["--data-dir", tiny_data, "--world-model", wm_dir / "world_model.safetensors", "--out-dir", tmp_path / "hist",
+            "--val-every", 2, "--width", 8, "--depth", 1, "--batch-size", 8, "--val-samples", 16, "--threads", 1,
+            "--wandb", "disabled", "--event-context", 8, "--event-width", 4, "--history-keys", 6, "--history-width", 16]
+    run_script("train_action_to_latent.py", *hist, "--steps", 2, "--init-from", wm_dir / "action_to_latent.safetensors",
+               "--history-only")
+    out = run_script("train_action_to_latent.py", *hist, "--steps", 4, "--resume")
+    assert "resumed at step 2" in out.stdout and "frozen features" in out.stderr
+    with_history, hist_meta = load_action_to_latent(tmp_path / "hist" / "action_to_latent.safetensors", meta)
+    assert with_history.keys_seen == 6 and hist_meta["step"] == 4
+    assert all(torch.equal(v, with_history.state_dict()[k]) for k, v in a2l.state_dict().items())
+    assert with_history.history_head[-1].weight.abs().sum() > 0   # it left its zero start
+    bad = run_script("train_action_to_latent.py", *hist[:6], "--history-keys", 4, "--steps", 2, "--wandb", "disabled",
+                     check=False)   # no --event_context
+    assert bad.returncode == 2 and "history head" in bad.stderr.strip().splitlines()[-1]
+    for name in ("world_model.safetensors", "start_frames.safetensors"):
+        shutil.copy(wm_dir / name, tmp_path / "hist")
     import atari_env
+    env = atari_env.make_neural_env("breakout", tmp_path / "hist", "cpu")
+    env.reset(seed=0, options={"past_actions": [2, 3]})
+    assert env.unwrapped._past.tolist() == [[0, 0, 0, 0, 2, 3]]   # the history head's six keys are kept
+    for key in (3, 3, 0, 1):
+        assert 0 <= env.step(key)[4]["latent"][0] < wm.codebook_size
+    assert env.unwrapped._past.tolist() == [[2, 3, 3, 3, 0, 1]]
+
     env = atari_env.make_neural_env("breakout", wm_dir, "cpu")
     assert env.unwrapped.context_length == 8                  # the event head's history is kept
     env.reset(seed=0)
