@@ -196,8 +196,11 @@ class CachedBatches:
 def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
     """Load --init_from's weights into `a2l`: every tensor of the code trunk must fit; event-head tensors
     that do not (a new event head) start fresh."""
-    tensors = load_action_to_latent(path, wm_meta)[0].state_dict()   # the same game and latent shape, or a clear error
-    own = a2l.state_dict()
+    start = load_action_to_latent(path, wm_meta)[0]   # the same game and latent shape, or a clear error
+    if start.history_head is not None and a2l.history_head is None:   # its codes would silently lose it
+        raise UserError(f"--init_from {path} has a history head: give --history_keys {start.history_keys} "
+                        f"--history_width {start.hparams['history_width']} to keep it")
+    tensors, own = start.state_dict(), a2l.state_dict()
     fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     missing = [k for k in own if k not in fits and not k.startswith(("event_", "history_"))]
     if missing:

@@ -169,6 +169,22 @@ def test_history_head_starts_as_the_trunk_and_reads_older_keys_and_frames():
         ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, history_keys=4)
 
 
+def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path):
+    """--init_from a model with a history head into one without (say --events_only without --history_keys) would
+    drop the head and silently change the codes: refused, naming the flags; with them, every tensor is kept."""
+    from train_action_to_latent import start_from
+    path = tmp_path / "action_to_latent.safetensors"
+    trained = history_model(history_keys=6)
+    torch.nn.init.normal_(trained.history_head[-1].weight)
+    save_weights(path, trained, {"kind": "action_to_latent", "game": "breakout", "hparams": trained.hparams})
+    wm_meta = {"game": "breakout", "hparams": {"num_tokens": 1, "codebook_size": 4, "event_places": [[1, 2], [3, 4]]}}
+    with pytest.raises(UserError, match="--history_keys 6"):
+        start_from(history_model(), str(path), wm_meta)
+    kept = history_model(history_keys=6)
+    start_from(kept, str(path), wm_meta)
+    assert all(torch.equal(v, kept.state_dict()[k]) for k, v in trained.state_dict().items())
+
+
 def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
     """The cached inputs --history_only trains on give the same code logits as the model itself, on every
     transition, the first steps of an episode (repeated frames, NOOP keys) included."""
