@@ -222,8 +222,11 @@ def train_only(a2l: ActionToLatent, prefix: str) -> None:
 def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, batch: int = 256):
     """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
     logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
-    is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does:
-    the same frames before an episode's start, test_history_head_...)."""
+    is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does,
+    the first frame repeated before an episode's start as in gd.history: test_history_only_training_inputs_...)."""
+    def last(t: np.ndarray, n: int) -> np.ndarray:   # steps t-n+1..t, the first repeated before it (gd.history)
+        return np.clip(t[:, None] + np.arange(1 - n, 1), 0, None)
+
     a2l.eval()
     xs, base, codes = [], [], []
     w = windows.w
@@ -235,8 +238,8 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
             t = np.arange(s, min(T, s + batch))
             act = torch.from_numpy(ep["actions"][t].astype(np.int64)).to(device)
             past = torch.from_numpy(np.stack([gd.past_actions(ep["actions"], u, a2l.keys_seen) for u in t])).to(device)
-            f = a2l.features(act, frames[np.stack([gd.history(np.arange(T), u, a2l.context) for u in t])], past)
-            window = summaries[np.stack([gd.history(np.arange(T), u, a2l.event_context) for u in t])]
+            f = a2l.features(act, frames[last(t, a2l.context)], past)
+            window = summaries[last(t, a2l.event_context)]
             xs.append(a2l.history_input(f, window, act, past).cpu())
             base.append(a2l.out(f).cpu())
         codes.append(torch.as_tensor(windows.pairs[w.files[e].stem]["codes"][:T]).long())
@@ -360,11 +363,12 @@ def main(argv=None) -> None:
         return (ep["actions"] == fire) & ~wm_metrics.ball_visible(frames, palette.colors).numpy()
 
     focus = fire_without_ball if cfg.event_focus and a2l.num_events else None
-    sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
-                                     focus_fraction=cfg.event_focus)
-    loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
     if cfg.history_only:   # after --resume has loaded the frozen parts
         loader = CachedBatches(*frozen_history_inputs(a2l, train, device), cfg.batch_size, cfg.seed)
+    else:
+        sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
+                                         focus_fraction=cfg.event_focus)
+        loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, num_workers=0)
     logger = MetricLogger(out_dir / "train" / "action_to_latent", f"neural-atari-action-to-latent-{cfg.game}",
                           dataclasses.asdict(cfg), mode=cfg.wandb, resume=cfg.resume)
     meta = {"kind": "action_to_latent", "game": cfg.game, "hparams": a2l.hparams, "temperature": cfg.temperature,
