@@ -86,14 +86,16 @@ def split_episodes(root: str | Path, split: str, val_percent: float = 10.0) -> l
     return val if split == "val" else [f for f in files if f not in val]
 
 
-def history(frames: np.ndarray, t: int, n: int) -> np.ndarray:
-    """Frames t-n+1..t, oldest first; before the episode's start its first frame is repeated."""
-    return frames[np.clip(np.arange(t - n + 1, t + 1), 0, None)]
+def history(frames, t, n: int):
+    """Frames t-n+1..t, oldest first; before the episode's start its first frame is repeated. For an array of
+    steps `t`, one such row of frames per step."""
+    return frames[np.clip(np.asarray(t)[..., None] + np.arange(1 - n, 1), 0, None)]
 
 
-def past_actions(actions: np.ndarray, t: int, n: int) -> np.ndarray:
-    """(n,) int64: the n actions before step t, oldest first, NOOP (0) before the episode's start."""
-    lags = np.arange(t - n, t)
+def past_actions(actions: np.ndarray, t, n: int) -> np.ndarray:
+    """(n,) int64: the n actions before step t, oldest first, NOOP (0) before the episode's start (for an
+    array of steps, (len(t), n))."""
+    lags = np.asarray(t)[..., None] + np.arange(-n, 0)
     return np.where(lags >= 0, actions[np.clip(lags, 0, None)], 0).astype(np.int64)
 
 

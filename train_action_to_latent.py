@@ -223,10 +223,7 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
     """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
     logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
     is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does,
-    the first frame repeated before an episode's start as in gd.history: test_history_only_training_inputs_...)."""
-    def last(t: np.ndarray, n: int) -> np.ndarray:   # steps t-n+1..t, the first repeated before it (gd.history)
-        return np.clip(t[:, None] + np.arange(1 - n, 1), 0, None)
-
+    gd.history's frames and gd.past_actions' keys: test_history_only_training_inputs_...)."""
     a2l.eval()
     xs, base, codes = [], [], []
     w = windows.w
@@ -237,9 +234,9 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
         for s in range(0, T, batch):
             t = np.arange(s, min(T, s + batch))
             act = torch.from_numpy(ep["actions"][t].astype(np.int64)).to(device)
-            past = torch.from_numpy(np.stack([gd.past_actions(ep["actions"], u, a2l.keys_seen) for u in t])).to(device)
-            f = a2l.features(act, frames[last(t, a2l.context)], past)
-            window = summaries[last(t, a2l.event_context)]
+            past = torch.from_numpy(gd.past_actions(ep["actions"], t, a2l.keys_seen)).to(device)
+            f = a2l.features(act, gd.history(frames, t, a2l.context), past)
+            window = gd.history(summaries, t, a2l.event_context)
             xs.append(a2l.history_input(f, window, act, past).cpu())
             base.append(a2l.out(f).cpu())
         codes.append(torch.as_tensor(windows.pairs[w.files[e].stem]["codes"][:T]).long())
