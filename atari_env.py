@@ -27,10 +27,11 @@ class GameSpec:
     name: str      # short name used on the command line and in paths
     env_id: str    # gymnasium id of the world-model view
     rom: str       # ale-py ROM name (vector env)
+    paddle: bool = False   # played with a paddle controller's dial (paddle_dial), measured for Breakout only
 
 
 GAMES = {
-    "breakout": GameSpec("breakout", "ALE/Breakout-v5", "breakout"),
+    "breakout": GameSpec("breakout", "ALE/Breakout-v5", "breakout", paddle=True),
     "pong": GameSpec("pong", "ALE/Pong-v5", "pong"),
     "enduro": GameSpec("enduro", "ALE/Enduro-v5", "enduro"),
     "mspacman": GameSpec("mspacman", "ALE/MsPacman-v5", "ms_pacman"),
@@ -39,6 +40,11 @@ FRAME_SHAPE = (210, 160, 3)
 FRAMESKIP = 4
 MAX_EPISODE_FRAMES = 108_000          # the ALE's real per-game limit (30 minutes of play)
 MAX_EPISODE_STEPS = MAX_EPISODE_FRAMES // FRAMESKIP
+# A paddle is a dial. The ALE turns it by PADDLE_DELTA = 23,000 a frame while LEFT or RIGHT is held, clamped
+# to [27,450, 790,196], and sets it to the middle at reset; the game draws the paddle from the dial, clamped at
+# the walls. So the dial winds up past a wall, out of sight, and the paddle leaves the wall only after as many
+# presses the other way (Breakout: up to 3). Its range in key presses at frameskip 4: 8.29.
+PADDLE_DIAL_SPAN = (790_196 - 27_450) / (23_000 * FRAMESKIP)
 
 
 def game_spec(game: str) -> GameSpec:
@@ -65,6 +71,15 @@ def action_names(game: str = "breakout") -> list[str]:
     names = env.unwrapped.get_action_meanings()
     env.close()
     return names
+
+
+def paddle_dial(game: str) -> tuple[list[int], float] | None:
+    """How each action turns the paddle's dial (+1 a press for RIGHT, -1 for LEFT, 0 otherwise) and the dial's
+    range in presses, for games played with a paddle; None for the others. gameplay_data.paddle_dials
+    follows the dial through an episode (tests/test_envs.py checks it against the emulator)."""
+    if not game_spec(game).paddle:
+        return None
+    return [1 if "RIGHT" in n else -1 if "LEFT" in n else 0 for n in action_names(game)], PADDLE_DIAL_SPAN
 
 
 def make_agent_env(game: str = "breakout", noop_max: int = 30) -> gym.Env:
@@ -140,11 +155,15 @@ class RealTwin:
         for t in range(4):
             obs, *_ = self.env.step(self.fire if t == 0 else 0)
             frames.append(obs)
-        self.frame = obs
+        self.frame, self.steps, self.ended_at = obs, 0, None
         return np.stack(frames[-self.k:])
 
     def step(self, action: int) -> np.ndarray:
-        self.frame = self.env.step(action)[0]
+        """The next real frame; once the game is over (`ended_at`, its step) the emulator holds its last one."""
+        self.frame, _, terminated, truncated, _ = self.env.step(action)
+        self.steps += 1
+        if (terminated or truncated) and self.ended_at is None:
+            self.ended_at = self.steps
         return self.frame
 
 

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
     ckpt = Path(cfg.checkpoint_dir or f"checkpoints/{cfg.game}")
     out_dir = Path(cfg.out_dir or ckpt / "evaluation")
     env = atari_env.make_neural_env(cfg.game, ckpt, cfg.device)
-    k, n_actions, n_past = env.context_length, env.action_space.n, env.a2l.keys_seen
+    k, n_actions = env.context_length, env.action_space.n
     if cfg.keep_bias >= 0:
         env.world_model.keep_bias = cfg.keep_bias
     files, eps, starts, rng = held_out_starts(data_dir, env.world_model.context, cfg)
@@ -123,9 +123,8 @@ def main(argv=None) -> None:
         replay.ale.restoreState(state)
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = gd.history(ep["frames"], s, k)
-        past = gd.past_actions(ep["actions"], s, n_past).tolist()
         for mode in ("model", "random"):
-            env.reset(options={"frames": context, "past_actions": past})
+            env.reset(options={"frames": context, **env.recorded_keys(ep["actions"], s)})
             if mode == "model" and cfg.latents == "encoder":
                 frames = np.stack([env.step_latent(c, ev) for c, ev in zip(*encoder_codes(env, np.concatenate([context, real])))])
             else:
@@ -233,11 +232,13 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
     n = env.a2l.keys_seen
-    past = torch.from_numpy(np.stack([gd.past_actions(eps[e]["actions"], t, n) for e, t in picks])).to(env.device)
+    keys = [gd.key_history(eps[e]["actions"], t, n, env.a2l.dial) for e, t in picks]
+    past = torch.from_numpy(np.stack([p for p, _ in keys])).to(env.device)
+    dial = torch.tensor([d for _, d in keys], device=env.device) if env.a2l.dial else None
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, nxt_i)
-    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past)
+    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past, dial=dial)
     true_ev = env.world_model.transition_events(pal, ctx_i[:, -1], nxt_i) if env.world_model.num_events else None
     return ctx_i, true, pred, true_ev, pred_ev
 

@@ -99,6 +99,38 @@ def past_actions(actions: np.ndarray, t, n: int) -> np.ndarray:
     return np.where(lags >= 0, actions[np.clip(lags, 0, None)], 0).astype(np.int64)
 
 
+def turn_dial(dial, steps, span: float) -> list:
+    """A paddle's dial (atari_env.paddle_dial) after each of n key presses: `dial` (B,) before the first,
+    `steps` (B, n) each key's turn (+1, -1 or 0), clamped to [0, span]. Numpy arrays or torch tensors; one
+    (B,) per press, oldest first."""
+    out = []
+    for j in range(steps.shape[1]):
+        dial = (dial + steps[:, j]).clip(0, span)
+        out.append(dial)
+    return out
+
+
+def paddle_dials(actions: np.ndarray, dial: tuple[list[int], float]) -> np.ndarray:
+    """(T + 1,) float32: the dial before each step of an episode (index t: before actions[t]; T: after the last),
+    from the middle, where the ALE sets it at reset. `dial`: atari_env.paddle_dial's (turn per action, span)."""
+    turns, span = dial
+    start = np.full(1, span / 2, np.float32)
+    steps = np.asarray(turns, np.float32)[np.asarray(actions, np.int64)][None]
+    return np.concatenate([start] + [d for d in turn_dial(start, steps, span)]).astype(np.float32)
+
+
+def dial_before(dials: np.ndarray, t, n: int) -> np.ndarray:
+    """The dial before the oldest of the n keys gd.past_actions gives for step t (before the episode's start,
+    where those keys are NOOP: the reset value); float32, one per step of an array `t`."""
+    return dials[np.clip(np.asarray(t) - n, 0, None)].astype(np.float32)
+
+
+def key_history(actions: np.ndarray, t, n: int, dial: tuple[list[int], float] | None = None):
+    """What an action->latent model reads of the keys before step(s) t: (past_actions(actions, t, n), the
+    paddle's dial before the oldest of them, float32, or None for a model without a dial: ActionToLatent.dial)."""
+    return past_actions(actions, t, n), None if dial is None else dial_before(paddle_dials(actions, dial), t, n)
+
+
 class GameplayWindows(Dataset):
     """Windows over recorded episodes: (k history frames, action, next frame).
 
@@ -110,12 +142,12 @@ class GameplayWindows(Dataset):
     """
 
     def __init__(self, files: list[Path], context: int = 2, cache_episodes: int = 16, frame_transform=None,
-                 past_actions: int = 1):
+                 past_actions: int = 1, dial: tuple[list[int], float] | None = None):
         """`frame_transform` maps an episode's (T+1, 210, 160, 3) frames once, when it is decoded
         (the world model stores palette indices: 3x less RAM, no per-batch conversion)."""
         self.files, self.context, self.cache_episodes = list(files), context, cache_episodes
         self.frame_transform = frame_transform
-        self.past_actions = past_actions
+        self.past_actions, self.dial = past_actions, dial
         self.index: list[tuple[int, int]] = []
         self.lengths = []
         for e, f in enumerate(self.files):
@@ -132,6 +164,8 @@ class GameplayWindows(Dataset):
             self._cache.move_to_end(e)
             return self._cache[e]
         ep = load_episode(self.files[e], keys=("frames", "actions"))
+        if self.dial is not None:
+            ep["dials"] = paddle_dials(ep["actions"], self.dial)
         if self.frame_transform is not None:
             ep["frames"] = self.frame_transform(ep["frames"])
         self._cache[e] = ep
@@ -144,9 +178,12 @@ class GameplayWindows(Dataset):
         ep = self.episode(e)
         ctx = history(ep["frames"], t, self.context)
         past = torch.from_numpy(past_actions(ep["actions"], t, self.past_actions))
-        return {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
+        item = {"context": torch.from_numpy(np.ascontiguousarray(ctx)), "action": int(ep["actions"][t]),
                 "prev_action": int(ep["actions"][t - 1]) if t > 0 else 0, "past_actions": past,
                 "next": torch.from_numpy(np.ascontiguousarray(ep["frames"][t + 1])), "episode": e, "t": t}
+        if self.dial is not None:
+            item["dial"] = torch.tensor(float(dial_before(ep["dials"], t, self.past_actions)))
+        return item
 
 
 class EpisodeGroupSampler(Sampler):

@@ -175,7 +175,7 @@ def _served(ball_t, ball_t1, rows) -> tuple[int, int] | None:
 def serve_place(frame_t: np.ndarray, frame_t1: np.ndarray, rows: tuple[int, int] = SERVE_ROWS) -> tuple[int, int] | None:
     """(top row, left column) where the game serves the ball between frame t and t+1, else None: no ball
     at t, a ball at t+1 in `rows`. The place (around x 18, 79 or 140, plus how many emulator frames of
-    the frameskip the ball has already moved) is the game's own random choice: no frame predicts it."""
+    the frameskip the ball has already moved) follows emulator state no frame shows (README stage 5)."""
     if ball_position(frame_t) is not None:   # the common case: skip looking at frame t+1
         return None
     return _served(None, ball_position(frame_t1), rows)

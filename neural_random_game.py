@@ -65,6 +65,8 @@ def main(argv=None) -> None:
     else:
         iio.imwrite(cfg.out, np.stack(frames_out), duration=1000 / cfg.fps, loop=0)
     print(f"wrote {len(frames_out)} frames to {cfg.out}" + (" (left: real emulator, right: dream)" if cfg.compare else ""))
+    if cfg.compare and twin.ended_at is not None:
+        print(f"the real game was over at step {twin.ended_at} (all lives lost); from there its last frame is held")
 
 
 if __name__ == "__main__":

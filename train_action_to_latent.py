@@ -61,6 +61,12 @@ class Config:
                                "adds to the code logits (0: none); the shipped model: 8, trained with --history_only "
                                "(README stage 5, session 34)")
     history_width: int = arg(256, "hidden width of the history head")
+    paddle_dial: bool = arg(True, "the history head also reads where its keys turned the paddle's dial, followed from "
+                                  "the episode's start (paddle games: atari_env.paddle_dial): it winds up past a wall "
+                                  "out of sight (README stage 5, session 35)")
+    dial_noise: float = arg(0.0, "fraction of training transitions whose dial starts from a random place (before the "
+                                 "head's oldest key): a dream's paddle can drift from where the keys put the dial, "
+                                 "which recordings never show, so the head learns to weigh the frames too")
     history_only: bool = arg(False, "train only the history head of an --init_from model, on the frozen parts' "
                                     "features computed once per transition (minutes); events stay those of --init_from")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
@@ -103,6 +109,11 @@ class PairWindows(Dataset):
         return item
 
 
+def dial_of(items: list[dict], device) -> torch.Tensor | None:
+    """The windows' paddle dials (B,), or None for a model without one."""
+    return torch.stack([it["dial"] for it in items]).to(device) if "dial" in items[0] else None
+
+
 @torch.no_grad()
 def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, device, names, out_dir: Path) -> dict:
     a2l.eval()
@@ -133,7 +144,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
             ball_ok += ((summaries[..., -1] > np.log(cfg.event_ball_pos_weight)) == seen).sum().item()
             ball_n += seen.numel()
         pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator,
-                                            past_actions=past, summaries=summaries)
+                                            past_actions=past, summaries=summaries, dial=dial_of(items, device))
         true_events = wm.transition_events(palette, ctx[:, -1], nxt) if wm.num_events else None
         if pred_events is not None:
             happened, fired = true_events > 0, pred_events > 0
@@ -166,7 +177,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
            "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
            "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
            "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
-    if a2l.num_events:   # the serve's place is the game's random pick: no model can match it
+    if a2l.num_events:   # the serve's place follows emulator state no frame shows
         res["motion_psnr@1_predicted_latent_true_event"] = acc["m_true_event"].psnr
     if a2l.num_events and events_seen[0]:
         res.update(event_recall=events_seen[1] / events_seen[0], event_place_acc=events_seen[2] / events_seen[0],
@@ -180,17 +191,31 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
 
 
 class CachedBatches:
-    """--history_only's batches: shuffled rows of frozen_history_inputs' tensors, one pass per iteration."""
+    """--history_only's batches: shuffled rows of frozen_history_inputs' tensors, one pass per iteration; with
+    `dial` (the model, its key windows, its dial starts, --dial_noise), that fraction of each batch's rows gets
+    its dial inputs turned again from a random start."""
 
-    def __init__(self, inputs: torch.Tensor, base: torch.Tensor, codes: torch.Tensor, batch_size: int, seed: int):
-        self.inputs, self.base, self.codes, self.batch_size = inputs, base, codes, batch_size
+    def __init__(self, inputs: torch.Tensor, base: torch.Tensor, codes: torch.Tensor, batch_size: int, seed: int,
+                 dial: tuple | None = None):
+        self.inputs, self.base, self.codes, self.batch_size, self.dial = inputs, base, codes, batch_size, dial
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
         order = torch.randperm(len(self.codes), generator=self.generator)
         for b in range(0, len(order) - self.batch_size + 1, self.batch_size):
             i = order[b:b + self.batch_size]
-            yield {"input": self.inputs[i], "base": self.base[i], "codes": self.codes[i]}
+            x = self.inputs[i]
+            if self.dial is not None:
+                a2l, keys, starts, noise = self.dial
+                start = noisy_dial(starts[i], noise, a2l.dial_span, self.generator)
+                x = torch.cat([x[:, :-3 * (a2l.history_keys + 1)], a2l.dial_features(keys[i], start)], 1)
+            yield {"input": x, "base": self.base[i], "codes": self.codes[i]}
+
+
+def noisy_dial(dial: torch.Tensor, fraction: float, span: float, generator=None) -> torch.Tensor:
+    """--dial_noise: `fraction` of the dials (B,) replaced by a uniform draw over the dial's range."""
+    moved = torch.rand(dial.shape, generator=generator) < fraction
+    return torch.where(moved, torch.rand(dial.shape, generator=generator) * span, dial.cpu()).to(dial.device)
 
 
 def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
@@ -202,6 +227,8 @@ def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
                         f"--history_width {start.hparams['history_width']} to keep it")
     tensors, own = start.state_dict(), a2l.state_dict()
     fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+    if any(k.startswith("history_") and k not in fits for k in own):   # another head's inputs: all of it new
+        fits = {k: v for k, v in fits.items() if not k.startswith("history_")}
     missing = [k for k in own if k not in fits and not k.startswith(("event_", "history_"))]
     if missing:
         raise UserError(f"--init_from {path} does not fit this model's code trunk ({missing[0]}, ...): "
@@ -225,10 +252,12 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
     is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does,
     gd.history's frames and gd.past_actions' keys: test_history_only_training_inputs_...)."""
     a2l.eval()
-    xs, base, codes = [], [], []
+    xs, base, codes, keys, starts = [], [], [], [], []
     w = windows.w
     for e in tqdm(range(len(w.files)), desc="frozen features", unit="episode", dynamic_ncols=True):
         ep = w.episode(e)
+        dials = torch.from_numpy(gd.dial_before(ep["dials"], np.arange(len(ep["actions"])), a2l.keys_seen)).to(device) \
+            if a2l.dial_span else None
         frames, T = torch.from_numpy(ep["frames"]).to(device), len(ep["actions"])
         summaries = torch.cat([a2l.frame_summaries(frames[None, s:s + batch]) for s in range(0, T, batch)], 1)[0]
         for s in range(0, T, batch):
@@ -237,11 +266,15 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
             past = torch.from_numpy(gd.past_actions(ep["actions"], t, a2l.keys_seen)).to(device)
             f = a2l.features(act, gd.history(frames, t, a2l.context), past)
             window = gd.history(summaries, t, a2l.event_context)
-            xs.append(a2l.history_input(f, window, act, past).cpu())
+            xs.append(a2l.history_input(f, window, act, past, None if dials is None else dials[t]).cpu())
             base.append(a2l.out(f).cpu())
+            if dials is not None:
+                keys.append(a2l.key_window(act, past).cpu())
+                starts.append(dials[t].cpu())
         codes.append(torch.as_tensor(windows.pairs[w.files[e].stem]["codes"][:T]).long())
     a2l.train()
-    return torch.cat(xs), torch.cat(base), torch.cat(codes)
+    dial = (torch.cat(keys), torch.cat(starts)) if keys else None
+    return torch.cat(xs), torch.cat(base), torch.cat(codes), dial
 
 
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
@@ -272,7 +305,7 @@ def validate_saved(cfg: Config, out_dir: Path, wm, palette, wm_meta: dict, pairs
     a2l, meta = load_action_to_latent(out_dir / "action_to_latent.safetensors", wm_meta, device)
     cfg = dataclasses.replace(cfg, model=a2l.version)
     val = PairWindows(gd.GameplayWindows(val_files, max(a2l.frames_seen, wm.context), max(4, len(val_files)),
-                                         palette.to_index, a2l.keys_seen), pairs)
+                                         palette.to_index, a2l.keys_seen, a2l.dial), pairs)
     result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only")
     result.update(step=meta.get("step"), world_model_step=wm_meta.get("step"), device=str(device))
     save_json(out_dir / "action_to_latent_eval_only.json", result)
@@ -292,12 +325,14 @@ def main(argv=None) -> None:
         state = load_checkpoint(ckpt_path, "action_to_latent_train")
         for name in ("context", "event_context", "event_depth", "event_focus", "history_keys"):   # runs from before these options
             state["config"].setdefault(name, 0)
+        state["config"].setdefault("paddle_dial", False)
+        state["config"].setdefault("dial_noise", 0.0)
         state["config"].setdefault("history_width", 256)
         state["config"].setdefault("event_ball_weight", 0.0)
         state["config"].setdefault("event_ball_pos_weight", 100.0)
         cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
                                                                  "width", "depth", "past_actions", "positional",
-                                                                 "history_keys", "history_width"))
+                                                                 "history_keys", "history_width", "paddle_dial"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -315,6 +350,8 @@ def main(argv=None) -> None:
     if a2l_context < 1 or cfg.event_context < 0:
         raise UserError(f"--context must be >= 1 (or 0 for the world model's) and --event_context >= 0, "
                         f"got {cfg.context} and {cfg.event_context}")
+    if not 0 <= cfg.dial_noise <= 1:
+        raise UserError(f"--dial_noise is a fraction in [0, 1], got {cfg.dial_noise}")
     if not 0 <= cfg.event_focus < 1 or cfg.event_ball_weight < 0 or cfg.event_ball_pos_weight <= 0:
         raise UserError(f"--event_focus must be in [0, 1), --event_ball_weight >= 0 and --event_ball_pos_weight > 0, "
                         f"got {cfg.event_focus}, {cfg.event_ball_weight} and {cfg.event_ball_pos_weight}")
@@ -329,7 +366,8 @@ def main(argv=None) -> None:
                          cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
                          num_events=wm.num_events, event_context=cfg.event_context, event_width=cfg.event_width,
                          event_depth=cfg.event_depth, history_keys=cfg.history_keys,
-                         history_width=cfg.history_width).to(device)
+                         history_width=cfg.history_width,
+                         dial=atari_env.paddle_dial(cfg.game) if cfg.paddle_dial else None).to(device)
     if cfg.init_from and state is None:
         start_from(a2l, cfg.init_from, wm_meta)
     if cfg.events_only:
@@ -340,8 +378,8 @@ def main(argv=None) -> None:
         train_only(a2l, "history_")
     k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
     n_keys = a2l.keys_seen
-    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, n_keys), pairs)
-    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, n_keys), pairs)
+    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, n_keys, a2l.dial), pairs)
+    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, n_keys, a2l.dial), pairs)
     opt = torch.optim.AdamW([p for p in a2l.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
@@ -361,7 +399,9 @@ def main(argv=None) -> None:
 
     focus = fire_without_ball if cfg.event_focus and a2l.num_events else None
     if cfg.history_only:   # after --resume has loaded the frozen parts
-        loader = CachedBatches(*frozen_history_inputs(a2l, train, device), cfg.batch_size, cfg.seed)
+        inputs, base, codes, dial = frozen_history_inputs(a2l, train, device)
+        loader = CachedBatches(inputs, base, codes, cfg.batch_size, cfg.seed,
+                               (a2l, *dial, cfg.dial_noise) if dial is not None and cfg.dial_noise else None)
     else:
         sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
                                          focus_fraction=cfg.event_focus)
@@ -390,8 +430,12 @@ def main(argv=None) -> None:
                     event_logits = ball_cells = None
                 else:
                     ctx, act = items["context"].to(device), items["action"].to(device)
+                    dial = items["dial"].to(device) if "dial" in items else None
+                    if dial is not None and cfg.dial_noise:
+                        dial = noisy_dial(dial, cfg.dial_noise, a2l.dial_span)
                     logits, event_logits, ball_cells = a2l.forward_events(act, ctx if cfg.model == "v2" else None,
-                                                                          items["past_actions"].to(device), ball=True)
+                                                                          items["past_actions"].to(device), ball=True,
+                                                                          dial=dial)
                 loss = 0 if cfg.events_only else F.cross_entropy(logits.flatten(0, 1), codes.flatten())
                 if event_logits is not None:   # the world model's events, read off the real frames
                     events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))

@@ -56,10 +56,12 @@ def main(ckpt: Path) -> None:
         T = len(actions)
         t = torch.arange(T)
         ctx = idx[(t[:, None] + torch.arange(-k + 1, 1)).clamp(min=0)]                       # (T, k, H, W)
-        past = torch.from_numpy(np.stack([gd.past_actions(ep["actions"], s, n_past) for s in range(T)]))
+        past, dial = gd.key_history(ep["actions"], np.arange(T), n_past, a2l.dial)
+        past, dial = torch.from_numpy(past), None if dial is None else torch.from_numpy(dial)
         true = torch.cat([wm.encode(c, n)[1] for c, n in zip(ctx.split(256), idx[1:].split(256))])[:, 0]
-        pred = torch.cat([a2l.sample(a, c, past_actions=p) for a, c, p in
-                          zip(actions.split(256), ctx.split(256), past.split(256))])[:, 0]
+        pred = torch.cat([a2l.sample(a, c, past_actions=p, dial=None if dial is None else dial[s:s + 256])
+                          for s, a, c, p in zip(range(0, T, 256), actions.split(256), ctx.split(256),
+                                                past.split(256))])[:, 0]
         balls = [metrics.ball_position(fr) for fr in ep["frames"]]
         paddles = [metrics.paddle_left(fr) for fr in ep["frames"]]
         serves = set(metrics.serve_steps(ep["frames"]))

@@ -105,7 +105,7 @@ def main() -> None:
           "served / not served")
     print("  " + ", ".join(f"{j}{'+' if j == max(table) else ''}: {s} / {n}" for j, (s, n) in table.items()))
     env = atari_env.make_neural_env("breakout", args.checkpoint_dir, "cpu")
-    k, n_past = env.context_length, env.a2l.keys_seen
+    k = env.context_length
     if env.a2l.num_events:
         odds = event_odds(env, files[: args.odds_episodes])
         print(f"event odds on every transition of {min(args.odds_episodes, len(files))} held-out episodes (p of some event;"
@@ -130,8 +130,7 @@ def main() -> None:
             state = replay.ale.cloneState()
             real_n.append(first_ball(replay.advance([FIRE] * args.presses)))
             replay.ale.restoreState(state)
-            env.reset(seed=len(dream_n), options={"frames": gd.history(frames, t, k),
-                                                  "past_actions": gd.past_actions(actions, t, n_past).tolist()})
+            env.reset(seed=len(dream_n), options={"frames": gd.history(frames, t, k), **env.recorded_keys(actions, t)})
             dream_n.append(first_ball(env.step(FIRE)[0] for _ in range(args.presses)))
     big = args.presses + 1
     r = np.array([x or big for x in real_n])

@@ -3,6 +3,7 @@
     env = atari_env.make_neural_env("breakout")                 # shipped weights in checkpoints/breakout
     obs, info = env.reset(seed=0)                                # real start frames shipped beside them
     obs, info = env.reset(options={"frames": frames_k_210_160_3})
+    obs, info = env.reset(options={"frames": ..., **env.recorded_keys(actions, t)})   # mid-recording: keys, dial
     obs, reward, terminated, truncated, info = env.step(2)       # RIGHT
 
 Each step: real action (+ the k context frames) -> action->latent model -> latent code (and, for a world
@@ -95,8 +96,20 @@ class NeuralAtariEnv(gym.Env):
         past = opts.get("past_actions", [opts.get("prev_action", 0)])
         self._past = self.a2l.pad_history(torch.zeros(1, dtype=torch.long),
                                           torch.tensor([[int(a) for a in past]]).view(1, -1)).to(self.device)
+        # a paddle's dial before the oldest of those keys (gameplay_data.dial_before), followed from then on:
+        # options "paddle_dial"; the ALE's reset value (the middle) by default, right for a game's start
+        self._dial = None
+        if self.a2l.dial_span:
+            dial = opts.get("paddle_dial")
+            self._dial = torch.tensor([self.a2l.dial_span / 2 if dial is None else float(dial)], device=self.device)
         self._steps = 0
         return self._obs(), {"step": 0}
+
+    def recorded_keys(self, actions: np.ndarray, t: int) -> dict:
+        """reset() options for starting at step t of a recording with these actions: the keys before t that the
+        action->latent model reads and, for a model with one, the paddle's dial before them."""
+        past, dial = gd.key_history(actions, t, self.a2l.keys_seen, self.a2l.dial)
+        return {"past_actions": past.tolist(), "paddle_dial": None if dial is None else float(dial)}
 
     def step(self, action):
         if self._ctx is None:
@@ -112,7 +125,9 @@ class NeuralAtariEnv(gym.Env):
         with torch.inference_mode():
             act = torch.tensor([int(action)], device=self.device)
             codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past,
-                                                summaries=self._summaries)
+                                                summaries=self._summaries, dial=self._dial)
+            if self._dial is not None:   # the oldest key leaves the window: the dial before the next oldest
+                self._dial = gd.turn_dial(self._dial, self.a2l.dial_turns[self._past[:, :1]], self.a2l.dial_span)[0]
             self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)
             self._push(self._predict(codes, event))
         self._steps += 1

@@ -21,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from vector_quantize_pytorch import VectorQuantize
 
+import gameplay_data as gd
+
 H, W = 210, 160
 CELL = 8                      # space-to-depth factor
 PAD_H = (-H) % CELL           # 210 -> 216 rows
@@ -755,13 +757,13 @@ class ActionToLatent(nn.Module):
     reach the bricks" from anywhere else. It reads the last `context` frames it is given (fewer: the oldest
     repeated), its event head the last `event_context` (frames_seen: the longer of the two); an optional
     history head reads those frames' readings and the last `history_keys` keys (keys_seen: the longer key
-    history of the two)."""
+    history of the two), and with `dial` (atari_env.paddle_dial) where those keys turned the paddle's dial."""
 
     def __init__(self, version: str, num_actions: int, num_colors: int, context: int, num_tokens: int,
                  codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
                  past_actions: int | None = None, positional: bool = False, num_events: int = 0,
                  event_context: int = 0, event_width: int = 16, event_depth: int = 0, history_keys: int = 0,
-                 history_width: int = 256):
+                 history_width: int = 256, dial: tuple[list[int], float] | None = None):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
@@ -809,9 +811,18 @@ class ActionToLatent(nn.Module):
         if history_keys and not self.event_context:
             raise ValueError("the history head reads the event head's frames: it needs event_context > 0 and events")
         self.history_keys, self.history_head = history_keys, None
+        # A paddle's dial winds up past a wall out of sight (atari_env.PADDLE_DIAL_SPAN), so where the paddle goes
+        # next depends on keys older than any window: the callers follow the dial from the episode's start
+        # (gameplay_data.paddle_dials) and the head reads it after each of its keys (README stage 5, session 35)
+        self.dial_span = float(dial[1]) if dial and history_keys else 0.0
+        self.register_buffer("dial_turns", torch.tensor(dial[0] if self.dial_span else [0] * num_actions,
+                                                        dtype=torch.float32), persistent=False)
         if self.history_keys:
             self.hparams.update(history_keys=history_keys, history_width=history_width)
-            hist_dim = in_dim + (3 * event_width + 1) * self.event_context + num_actions * (history_keys + 1)
+            if self.dial_span:
+                self.hparams.update(dial_turns=list(dial[0]), dial_span=self.dial_span)
+            hist_dim = (in_dim + (3 * event_width + 1) * self.event_context + num_actions * (history_keys + 1)
+                        + (3 * (history_keys + 1) if self.dial_span else 0))
             # affine-free BatchNorm: the inputs (pooled features, soft-argmax places, one-hot keys) come on
             # very different scales; per-feature standardising learned them better than a LayerNorm did
             self.history_head = nn.Sequential(nn.BatchNorm1d(hist_dim, affine=False), nn.Linear(hist_dim, history_width),
@@ -821,15 +832,17 @@ class ActionToLatent(nn.Module):
             nn.init.zeros_(self.history_head[-1].bias)
 
     def forward(self, action: torch.Tensor, context_idx: torch.Tensor | None = None,
-                past_actions: torch.Tensor | None = None) -> torch.Tensor:
+                past_actions: torch.Tensor | None = None, dial: torch.Tensor | None = None) -> torch.Tensor:
         """-> (B, num_tokens, codebook_size) code logits. `past_actions`: (B,) a_t-1, or (B, n) the n
         actions before a_t, oldest first; NOOP (0) where unknown (also when None or shorter than the
-        model's history)."""
+        model's history). `dial`: (B,) the paddle's dial before the oldest of the keys_seen keys
+        (gameplay_data.dial_before); None: where the ALE sets it at reset."""
         if self.history_head is not None:   # it reads the event head's frames too
-            return self.forward_events(action, context_idx, past_actions)[0]
+            return self.forward_events(action, context_idx, past_actions, dial=dial)[0]
         return self.out(self.features(action, context_idx, past_actions)).view(-1, self.num_tokens, self.codebook_size)
 
-    def forward_events(self, action, context_idx=None, past_actions=None, ball: bool = False, summaries=None):
+    def forward_events(self, action, context_idx=None, past_actions=None, ball: bool = False, summaries=None,
+                       dial=None):
         """-> (code logits, event logits (B, num_events) or None), from one pass over the frames; with
         `ball`, also the ball logits per grid cell (B, event_context, 27, 20) of the event head's frames
         (or None). `summaries`: frame_summaries of the last event_context frames, kept by a caller that
@@ -841,7 +854,7 @@ class ActionToLatent(nn.Module):
             pooled, ball_cells = self.event_history(context_idx)
             summaries = self.summarize(pooled, ball_cells)
         if self.history_head is not None:
-            codes = codes + self.history_head(self.history_input(f, summaries, action, past_actions))
+            codes = codes + self.history_head(self.history_input(f, summaries, action, past_actions, dial))
         if self.event_out is not None:
             if summaries is not None:
                 f = torch.cat([f, summaries[..., :-1].flatten(1), summaries[..., -1]], 1)
@@ -849,17 +862,39 @@ class ActionToLatent(nn.Module):
         codes = codes.view(-1, self.num_tokens, self.codebook_size)
         return (codes, events, ball_cells) if ball else (codes, events)
 
-    def history_input(self, features, summaries, action, past_actions=None) -> torch.Tensor:
+    def history_input(self, features, summaries, action, past_actions=None, dial=None) -> torch.Tensor:
         """-> (B, history head's input): the trunk's features, the event head's readings of its frames
-        (B, event_context, 3 * event_width + 1) and the keys a_t-history_keys..a_t, one-hot."""
-        keys = torch.cat([self.pad_history(action, past_actions)[:, self.keys_seen - self.history_keys:],
-                          action.long().view(-1, 1)], 1)
-        return torch.cat([features, summaries.flatten(1), F.one_hot(keys, self.num_actions).flatten(1).float()], 1)
+        (B, event_context, 3 * event_width + 1), the keys a_t-history_keys..a_t, one-hot, and (with a dial)
+        the dial after each of them, as a fraction of its range and whether it is at either end."""
+        all_keys = self.key_window(action, past_actions)
+        keys = all_keys[:, self.keys_seen - self.history_keys:]
+        parts = [features, summaries.flatten(1), F.one_hot(keys, self.num_actions).flatten(1).float()]
+        if self.dial_span:
+            parts.append(self.dial_features(all_keys, dial))
+        return torch.cat(parts, 1)
+
+    def key_window(self, action, past_actions=None) -> torch.Tensor:
+        """-> (B, keys_seen + 1) long: the keys before a_t (pad_history), then a_t."""
+        return torch.cat([self.pad_history(action, past_actions), action.long().view(-1, 1)], 1)
+
+    def dial_features(self, all_keys: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
+        """The history head's dial inputs, the last 3 * (history_keys + 1) columns of history_input: the dial
+        after each of its keys, from `dial` before the oldest of key_window's (None: the reset value)."""
+        start = (torch.full((len(all_keys),), self.dial_span / 2, device=all_keys.device) if dial is None
+                 else dial.float().view(-1))
+        turned = torch.stack(gd.turn_dial(start, self.dial_turns[all_keys], self.dial_span), 1)
+        turned = turned[:, self.keys_seen - self.history_keys:]
+        return torch.cat([turned / self.dial_span, (turned <= 0).float(), (turned >= self.dial_span).float()], 1)
 
     @property
     def frames_seen(self) -> int:
         """How many recent frames the model reads (its callers keep at least this history)."""
         return max(self.context, self.event_context)
+
+    @property
+    def dial(self) -> tuple[list[int], float] | None:
+        """(turn per action, span) of the paddle dial the history head reads (atari_env.paddle_dial), or None."""
+        return (self.dial_turns.tolist(), self.dial_span) if self.dial_span else None
 
     @property
     def keys_seen(self) -> int:
@@ -912,19 +947,19 @@ class ActionToLatent(nn.Module):
 
     @torch.no_grad()
     def sample(self, action, context_idx=None, temperature: float = 0.0, generator=None,
-               past_actions=None) -> torch.Tensor:
-        return self.sample_step(action, context_idx, temperature, generator, past_actions)[0]
+               past_actions=None, dial=None) -> torch.Tensor:
+        return self.sample_step(action, context_idx, temperature, generator, past_actions, dial=dial)[0]
 
     @torch.no_grad()
     def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None,
-                    summaries=None):
+                    summaries=None, dial=None):
         """-> (codes (B, num_tokens), event ids (B,) or None). Codes: argmax, or sampled at `temperature`.
         Event: sampled from the model's odds, whether and where, as the game draws them (where the game
-        serves is its random pick; whether it serves at a FIRE some 5-8 steps after a lost ball is a coin
+        serves follows emulator state no frame shows, README stage 5; whether it serves at a FIRE some 5-8 steps after a lost ball is a coin
         flip in the recordings too), except that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
         steps would otherwise add up to stray serves over a long game. Sampling runs on the CPU, where
         `generator` lives."""
-        logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries)
+        logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries, dial=dial)
         if temperature <= 0:
             codes = logits.argmax(-1)
         else:
@@ -999,6 +1034,9 @@ def load_action_to_latent(path, world_meta: dict, device="cpu"):
     if hp.get("num_events", 0) and hp["num_events"] != len(wm.get("event_places", [])) + 1:
         raise UserError(f"{path} predicts {hp['num_events']} events; the world model has "
                         f"{len(wm.get('event_places', [])) + 1 if wm.get('event_places') else 'none'}")
+    hp = dict(hp)
+    if "dial_span" in hp:
+        hp["dial"] = (hp.pop("dial_turns"), hp.pop("dial_span"))
     model = ActionToLatent(**hp)
     model.load_state_dict(tensors)
     return model.to(device).eval(), meta

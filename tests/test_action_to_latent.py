@@ -169,9 +169,37 @@ def test_history_head_starts_as_the_trunk_and_reads_older_keys_and_frames():
         ActionToLatent("v2", 4, 6, 2, 1, 4, width=8, depth=1, history_keys=4)
 
 
+def test_history_head_reads_the_paddle_dial_after_each_of_its_keys(tmp_path):
+    """With a dial, the head also reads where each of its keys (and a_t) left the paddle's dial, turned from the
+    `dial` it is given (where the dial stood before the oldest key, so keys older than any window count); none
+    given: the ALE's reset value, the middle."""
+    a2l = history_model(history_keys=6, dial=([0, 0, 1, -1], 3.5))
+    assert a2l.dial == ([0, 0, 1, -1], 3.5) and a2l.hparams["dial_span"] == 3.5
+    torch.nn.init.normal_(a2l.history_head[-1].weight)
+    act, past = torch.tensor([3, 0]), torch.tensor([[2, 2, 2, 2, 2, 2], [0, 3, 0, 2, 0, 0]])
+    idx = torch.randint(0, 6, (2, 7, 210, 160), dtype=torch.uint8)
+    with torch.no_grad():
+        f = a2l.features(act, idx, past)
+        summaries = a2l.summarize(*a2l.event_history(idx))
+        x = a2l.history_input(f, summaries, act, past, torch.tensor([1.75, 0.0]))
+        turned = x[:, -21:-14] * 3.5   # the dial after a_t-6..a_t, then "at its low end", "at its high end"
+        assert torch.allclose(turned, torch.tensor([[2.75, 3.5, 3.5, 3.5, 3.5, 3.5, 2.5], [0, 0, 0, 1, 1, 1, 1.]]))
+        assert x[:, -14:-7].tolist() == [[0] * 7, [1, 1, 1, 0, 0, 0, 0]]
+        assert x[:, -7:].tolist() == [[0, 1, 1, 1, 1, 1, 0], [0] * 7]
+        assert torch.equal(a2l(act, idx, past), a2l(act, idx, past, dial=torch.tensor([1.75, 1.75])))
+        assert not torch.equal(a2l(act, idx, past), a2l(act, idx, past, dial=torch.tensor([0.0, 3.5])))
+    path = tmp_path / "action_to_latent.safetensors"
+    save_weights(path, a2l, {"kind": "action_to_latent", "game": "breakout", "hparams": a2l.hparams})
+    wm_meta = {"game": "breakout", "hparams": {"num_tokens": 1, "codebook_size": 4, "event_places": [[1, 2], [3, 4]]}}
+    loaded = load_action_to_latent(path, wm_meta)[0]
+    assert loaded.dial == a2l.dial and torch.equal(loaded(act, idx, past), a2l(act, idx, past))
+    assert history_model(history_keys=6).dial is None
+
+
 def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path):
     """--init_from a model with a history head into one without (say --events_only without --history_keys) would
-    drop the head and silently change the codes: refused, naming the flags; with them, every tensor is kept."""
+    drop the head and silently change the codes: refused, naming the flags; with them, every tensor is kept; into
+    a head that reads more (a dial), the head starts afresh, not half loaded."""
     from train_action_to_latent import start_from
     path = tmp_path / "action_to_latent.safetensors"
     trained = history_model(history_keys=6)
@@ -183,28 +211,43 @@ def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path
     kept = history_model(history_keys=6)
     start_from(kept, str(path), wm_meta)
     assert all(torch.equal(v, kept.state_dict()[k]) for k, v in trained.state_dict().items())
+    dialled = history_model(history_keys=6, dial=([0, 0, 1, -1], 3.5))   # a head with more inputs starts afresh
+    start_from(dialled, str(path), wm_meta)
+    assert dialled.history_head[-1].weight.abs().sum() == 0
+    assert all(torch.equal(v, dialled.state_dict()[k]) for k, v in trained.state_dict().items() if "history_" not in k)
 
 
 def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
     """The cached inputs --history_only trains on give the same code logits as the model itself, on every
     transition, the first steps of an episode (repeated frames, NOOP keys) included."""
-    from train_action_to_latent import PairWindows, frozen_history_inputs, train_only
+    from train_action_to_latent import CachedBatches, PairWindows, frozen_history_inputs, train_only
     _, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
     files = gd.split_episodes(tiny_data, "train")[:2]
     a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
-                         num_events=3, event_context=5, event_width=4, history_keys=6)
+                         num_events=3, event_context=5, event_width=4, history_keys=6, dial=([0, 0, 1, -1], 2.5))
     torch.nn.init.normal_(a2l.history_head[-1].weight)
     a2l.history_head[0].running_var.fill_(4.0)   # not the identity, so the eval-mode statistics are used
     train_only(a2l, "history_")
     assert all(n.startswith("history_") for n, p in a2l.named_parameters() if p.requires_grad)
-    windows = gd.GameplayWindows(files, 5, 2, palette.to_index, a2l.keys_seen)
+    windows = gd.GameplayWindows(files, 5, 2, palette.to_index, a2l.keys_seen, a2l.dial)
     pairs = {f.stem: {"codes": np.zeros((len(windows.episode(e)["actions"]), 1), np.int16)} for e, f in enumerate(files)}
-    inputs, base, codes = frozen_history_inputs(a2l, PairWindows(windows, pairs), "cpu")
-    assert len(inputs) == len(base) == len(codes) == len(windows) and a2l.training
+    inputs, base, codes, (keys, starts) = frozen_history_inputs(a2l, PairWindows(windows, pairs), "cpu")
+    assert len(inputs) == len(base) == len(codes) == len(keys) == len(starts) == len(windows) and a2l.training
+    # --dial_noise turns the dial again from the kept keys: without noise the same inputs, with it only the dial's
+    n_dial = 3 * 7
+    assert torch.equal(a2l.dial_features(keys, starts), inputs[:, -n_dial:])
+    calm = next(iter(CachedBatches(inputs, base, codes, 64, 0, (a2l, keys, starts, 0.0))))
+    noisy = next(iter(CachedBatches(inputs, base, codes, 64, 0, (a2l, keys, starts, 1.0))))
+    plain = next(iter(CachedBatches(inputs, base, codes, 64, 0)))
+    assert torch.equal(calm["input"], plain["input"]) and torch.equal(noisy["input"][:, :-n_dial], plain["input"][:, :-n_dial])
+    assert not torch.equal(noisy["input"][:, -n_dial:], plain["input"][:, -n_dial:])
     a2l.eval()
     with torch.no_grad():
         cached = base + a2l.history_head(inputs)
         for i in [0, 1, 2, 5, len(windows) - 1]:
             item = windows[i]
-            direct = a2l(torch.tensor([item["action"]]), item["context"][None], item["past_actions"][None])
+            direct = a2l(torch.tensor([item["action"]]), item["context"][None], item["past_actions"][None],
+                         dial=item["dial"][None])
+            dials = gd.paddle_dials(windows.episode(item["episode"])["actions"], a2l.dial)
+            assert item["dial"] == dials[max(0, item["t"] - 6)]
             assert torch.allclose(cached[i], direct.flatten(), atol=1e-4), i

@@ -82,3 +82,76 @@ def test_breakout_serves_on_fire_only_some_steps_after_the_ball_is_lost():
         served.append(metrics.ball_position(env.step(1)[0]) is not None)
     assert not any(served[:4]) and all(served[10:])
     assert served == sorted(served)               # once FIRE serves, it always does
+
+
+def test_breakout_paddle_follows_a_dial_that_winds_up_past_the_wall():
+    """The fact behind stage 5's paddle dial (README stage 5, session 35): the keys turn a dial the paddle shows
+    clamped at the walls. Keys that leave the dial at the same place (gameplay_data.paddle_dials) give the same
+    paddle from then on; after 4 and after 5 RIGHT presses the paddle is at the right wall in both, but the dial
+    is not at the same place, and the paddle comes back another way."""
+    import gameplay_data as gd
+    import metrics
+    env = atari_env.make_world_model_env("breakout")
+    dial = atari_env.paddle_dial("breakout")
+    NOOP, RIGHT, LEFT = 0, 2, 3
+    assert dial[0] == [0, 0, 1, -1] and atari_env.paddle_dial("mspacman") is None
+
+    def play(keys):
+        env.reset(seed=0)
+        for key in keys:
+            frame = env.step(key)[0]
+        back = [metrics.paddle_left(env.step(LEFT)[0]) for _ in range(6)]
+        return metrics.paddle_left(frame), back, float(gd.paddle_dials(np.array(keys), dial)[-1])
+
+    wound = play([RIGHT] * 5)
+    assert wound[2] == pytest.approx(dial[1])                    # as far as it turns
+    for keys in ([RIGHT] * 9, [LEFT, LEFT] + [RIGHT] * 9, [RIGHT, NOOP, RIGHT, RIGHT, NOOP, RIGHT, RIGHT]):
+        assert play(keys) == wound, keys
+    short = play([RIGHT] * 4)
+    assert short[0] == wound[0] and short[2] < wound[2] and short[1] != wound[1]
+
+
+def test_breakout_serve_place_follows_hidden_emulator_state_not_chance():
+    """Where the game serves is not a random pick (README stage 5, session 35): it follows emulator state that
+    the frames do not show. One no-op start serves the same places in the same order whatever the waits before
+    FIRE; starting 1-3 raw frames later (the recordings' random no-op start) moves every one, 4 frames later
+    does not."""
+    import metrics
+    env = atari_env.make_world_model_env("breakout")
+
+    def places(noop_frames, waits):
+        env.reset(seed=0)
+        atari_env.noop_start(env, noop_frames)
+        out = []
+        for wait in waits:
+            for _ in range(wait):
+                env.step(0)
+            for _ in range(30):                   # FIRE until the ball is served
+                ball = metrics.ball_position(env.step(1)[0])
+                if ball is not None:
+                    break
+            out.append(ball)
+            for _ in range(400):                  # NOOP until it is lost
+                if metrics.ball_position(env.step(0)[0]) is None:
+                    break
+        return out
+
+    first = places(0, (0, 0, 0))
+    assert None not in first and len(set(first)) == 3
+    assert places(0, (5, 1, 2)) == first
+    assert places(4, (0, 0, 0)) == first
+    for noop_frames in (1, 2, 3):
+        assert all(a != b for a, b in zip(places(noop_frames, (0, 0, 0)), first)), noop_frames
+
+
+def test_real_twin_says_when_the_real_game_is_over():
+    """neural_random_game --compare holds the real side's last frame once its game is over, and says from when."""
+    twin = atari_env.RealTwin("breakout", 2)
+    twin.reset(0)
+    assert twin.ended_at is None
+    while twin.ended_at is None and twin.steps < 3000:
+        twin.step(1)                               # FIRE only: every ball is served and lost
+    ended = twin.ended_at
+    assert ended is not None and ended == twin.steps
+    twin.step(2)
+    assert twin.ended_at == ended

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import gameplay_data as gd
 import metrics
 from common import UserError
 from conftest import TINY_WM, run_script
@@ -177,6 +178,15 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     for key in (3, 3, 0, 1):
         assert 0 <= env.step(key)[4]["latent"][0] < wm.codebook_size
     assert env.unwrapped._past.tolist() == [[2, 3, 3, 3, 0, 1]]
+    # and the paddle's dial (on by default for Breakout), followed as gameplay_data does through a recording
+    assert with_history.dial == (atari_env.paddle_dial("breakout")[0], pytest.approx(atari_env.PADDLE_DIAL_SPAN))
+    keys = [2, 3, 3, 3, 0, 1] + [2] * 7 + [3, 0, 3]
+    for key in keys[6:]:
+        env.step(key)
+    expected = gd.dial_before(gd.paddle_dials(np.array(keys), with_history.dial), len(keys), 6)
+    assert env.unwrapped._dial.item() == pytest.approx(float(expected)) and expected < with_history.dial[1]
+    env.reset(seed=0, options={"frames": np.stack([env.render()] * 2), **env.unwrapped.recorded_keys(np.array(keys), 10)})
+    assert env.unwrapped._dial.item() == pytest.approx(float(gd.paddle_dials(np.array(keys), with_history.dial)[4]))
 
     env = atari_env.make_neural_env("breakout", wm_dir, "cpu")
     assert env.unwrapped.context_length == 8                  # the event head's history is kept
