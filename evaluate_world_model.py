@@ -232,9 +232,11 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     nxt = np.stack([eps[e]["frames"][t + 1] for e, t in picks])
     act = torch.tensor([int(eps[e]["actions"][t]) for e, t in picks], device=env.device)
     n = env.a2l.keys_seen
-    keys = [gd.key_history(eps[e]["actions"], t, n, env.a2l.dial) for e, t in picks]
-    past = torch.from_numpy(np.stack([p for p, _ in keys])).to(env.device)
-    dial = torch.tensor([d for _, d in keys], device=env.device) if env.a2l.dial else None
+    past = torch.from_numpy(np.stack([gd.past_actions(eps[e]["actions"], t, n) for e, t in picks])).to(env.device)
+    dial = None
+    if env.a2l.dial:   # each episode's dial followed once
+        dials = {e: gd.paddle_dials(eps[e]["actions"], env.a2l.dial) for e in {e for e, _ in picks}}
+        dial = torch.from_numpy(np.stack([gd.dial_before(dials[e], t, n) for e, t in picks])).to(env.device)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, nxt_i)
