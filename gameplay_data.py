@@ -116,7 +116,7 @@ def paddle_dials(actions: np.ndarray, dial: tuple[list[int], float]) -> np.ndarr
     turns, span = dial
     start = np.full(1, span / 2, np.float32)
     steps = np.asarray(turns, np.float32)[np.asarray(actions, np.int64)][None]
-    return np.concatenate([start] + [d for d in turn_dial(start, steps, span)]).astype(np.float32)
+    return np.concatenate([start, *turn_dial(start, steps, span)]).astype(np.float32)
 
 
 def dial_before(dials: np.ndarray, t, n: int) -> np.ndarray:
