@@ -66,6 +66,29 @@ def noop_start(env: gym.Env, raw_frames: int) -> None:
         env.unwrapped.ale.act(0)
 
 
+_phase_replay_envs: dict = {}
+
+
+def recorded_frame_phase(meta: dict) -> int:
+    """The emulator's frame count at a recording's first frame, modulo FRAMESKIP: which of a step's raw frames
+    the game's frame counter starts on. Breakout serves at one of four places picked by the counter's last two
+    bits (RAM byte 90 counts frames) on the frame the ball is launched, so the no-op start decides where the
+    game serves (README stage 5, session 36). New recordings store the count ("start_frame"), random play's
+    older ones their no-op count; the DQN's older ones are replayed: its env's no-op start follows the seed."""
+    if "start_frame" in meta:
+        return int(meta["start_frame"]) % FRAMESKIP
+    if "noop_frames" in meta:
+        return int(meta["noop_frames"]) % FRAMESKIP
+    key = (meta["game"], meta["env"]["noop_max"], meta["seed"])
+    if key not in _phase_replay_envs:   # a reset is ~0.1 s: once per episode and process
+        if key[:2] not in _phase_replay_envs:
+            _phase_replay_envs[key[:2]] = make_agent_env(*key[:2])
+        env = _phase_replay_envs[key[:2]]
+        env.reset(seed=key[2])
+        _phase_replay_envs[key] = env.unwrapped.ale.getEpisodeFrameNumber()
+    return _phase_replay_envs[key] % FRAMESKIP
+
+
 def action_names(game: str = "breakout") -> list[str]:
     env = make_world_model_env(game)
     names = env.unwrapped.get_action_meanings()

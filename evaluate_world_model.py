@@ -124,7 +124,7 @@ def main(argv=None) -> None:
         mismatched += int((real != ep["frames"][s + 1:s + 1 + H]).any(axis=(1, 2, 3)).sum())
         context = gd.history(ep["frames"], s, k)
         for mode in ("model", "random"):
-            env.reset(options={"frames": context, **env.recorded_keys(ep["actions"], s)})
+            env.reset(options={"frames": context, **env.recorded_keys(ep["actions"], s, ep["meta"])})
             if mode == "model" and cfg.latents == "encoder":
                 frames = np.stack([env.step_latent(c, ev) for c, ev in zip(*encoder_codes(env, np.concatenate([context, real])))])
             else:
@@ -237,10 +237,14 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     if env.a2l.dial:   # each episode's dial followed once
         dials = {e: gd.paddle_dials(eps[e]["actions"], env.a2l.dial) for e in {e for e, _ in picks}}
         dial = torch.from_numpy(np.stack([gd.dial_before(dials[e], t, n) for e, t in picks])).to(env.device)
+    phase = None
+    if env.a2l.frame_phases:   # each episode's, where its frame counter started
+        phases = {e: atari_env.recorded_frame_phase(eps[e]["meta"]) for e in {e for e, _ in picks}}
+        phase = torch.tensor([phases[e] for e, _ in picks], device=env.device)
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, nxt_i)
-    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past, dial=dial)
+    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past, dial=dial, phase=phase)
     true_ev = env.world_model.transition_events(pal, ctx_i[:, -1], nxt_i) if env.world_model.num_events else None
     return ctx_i, true, pred, true_ev, pred_ev
 

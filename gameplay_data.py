@@ -142,12 +142,14 @@ class GameplayWindows(Dataset):
     """
 
     def __init__(self, files: list[Path], context: int = 2, cache_episodes: int = 16, frame_transform=None,
-                 past_actions: int = 1, dial: tuple[list[int], float] | None = None):
+                 past_actions: int = 1, dial: tuple[list[int], float] | None = None, frame_phase: bool = False):
         """`frame_transform` maps an episode's (T+1, 210, 160, 3) frames once, when it is decoded
-        (the world model stores palette indices: 3x less RAM, no per-batch conversion)."""
+        (the world model stores palette indices: 3x less RAM, no per-batch conversion). With `dial`, items
+        also hold the paddle's dial before their oldest key; with `frame_phase`, the episode's
+        atari_env.recorded_frame_phase."""
         self.files, self.context, self.cache_episodes = list(files), context, cache_episodes
         self.frame_transform = frame_transform
-        self.past_actions, self.dial = past_actions, dial
+        self.past_actions, self.dial, self.frame_phase = past_actions, dial, frame_phase
         self.index: list[tuple[int, int]] = []
         self.lengths = []
         for e, f in enumerate(self.files):
@@ -163,7 +165,10 @@ class GameplayWindows(Dataset):
         if e in self._cache:
             self._cache.move_to_end(e)
             return self._cache[e]
-        ep = load_episode(self.files[e], keys=("frames", "actions"))
+        ep = load_episode(self.files[e], keys=("frames", "actions", "meta"))
+        if self.frame_phase:
+            import atari_env
+            ep["frame_phase"] = atari_env.recorded_frame_phase(ep["meta"])
         if self.dial is not None:
             ep["dials"] = paddle_dials(ep["actions"], self.dial)
         if self.frame_transform is not None:
@@ -183,6 +188,8 @@ class GameplayWindows(Dataset):
                 "next": torch.from_numpy(np.ascontiguousarray(ep["frames"][t + 1])), "episode": e, "t": t}
         if self.dial is not None:
             item["dial"] = torch.tensor(float(dial_before(ep["dials"], t, self.past_actions)))
+        if self.frame_phase:
+            item["frame_phase"] = torch.tensor(ep["frame_phase"])
         return item
 
 

@@ -175,7 +175,8 @@ def _served(ball_t, ball_t1, rows) -> tuple[int, int] | None:
 def serve_place(frame_t: np.ndarray, frame_t1: np.ndarray, rows: tuple[int, int] = SERVE_ROWS) -> tuple[int, int] | None:
     """(top row, left column) where the game serves the ball between frame t and t+1, else None: no ball
     at t, a ball at t+1 in `rows`. The place (around x 18, 79 or 140, plus how many emulator frames of
-    the frameskip the ball has already moved) follows emulator state no frame shows (README stage 5)."""
+    the frameskip the ball has already moved) follows the game's frame counter on the launch frame, which
+    the frames do not show (atari_env.recorded_frame_phase; README stage 5, session 36)."""
     if ball_position(frame_t) is not None:   # the common case: skip looking at frame t+1
         return None
     return _served(None, ball_position(frame_t1), rows)
@@ -189,7 +190,7 @@ def serve_places(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = SER
 
 def serve_steps(frames: np.ndarray, first: int = 0, rows: tuple[int, int] = SERVE_ROWS) -> list[int]:
     """Breakout's serve: the steps t (>= first) where frame t shows no ball and frame t+1 shows one in
-    `rows`, at one of a few places the game picks (around x 18, 79 or 140) that no frame predicts."""
+    `rows`, at one of a few places picked by the game's frame counter (around x 18, 79 or 140)."""
     return [t for t, _ in serve_places(frames, first, rows)]
 
 

@@ -74,6 +74,7 @@ def play_episode(cfg: Config, seed: int, rng, q_net) -> tuple:
         tracker.fire_pending[:] = True   # the DQN was trained with FIRE after reset
         extra = {}   # its no-op start comes from the env's own seeded rng
     ale, n_actions = env.unwrapped.ale, env.action_space.n
+    extra["start_frame"] = ale.getEpisodeFrameNumber()   # where the frame counter starts: atari_env.recorded_frame_phase
     frames, actions, rewards, lives = [ale.getScreenRGB()], [], [], [ale.lives()]
     terminated = truncated = False
     while not (terminated or truncated):

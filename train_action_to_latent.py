@@ -69,6 +69,14 @@ class Config:
                                  "which recordings never show, so the head learns to weigh the frames too")
     history_only: bool = arg(False, "train only the history head of an --init_from model, on the frozen parts' "
                                     "features computed once per transition (minutes); events stay those of --init_from")
+    frame_phase: bool = arg(True, "the event head also reads the episode's frame phase (where the emulator's frame "
+                                  "counter started, atari_env.recorded_frame_phase): Breakout picks the serve's place "
+                                  "by that counter (README stage 5, session 36)")
+    history_context: int = arg(0, "of the event head's frames, the last this many are read by the history head (0: "
+                                  "all): a longer --event_context then keeps a trained history head's inputs")
+    event_mlp_only: bool = arg(False, "train only the event head's MLP of an --init_from model, on the frozen frame "
+                                      "readings computed once per transition (minutes; the history head reads the "
+                                      "same readings, so they stay); codes stay those of --init_from")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
                                  "and it leaves the right wall only after 2-3 LEFT presses: README stage 5)")
     # on: the paddle's step under a key depends on its absolute column, which a translation-equivariant
@@ -114,6 +122,11 @@ def dial_of(items: list[dict], device) -> torch.Tensor | None:
     return torch.stack([it["dial"] for it in items]).to(device) if "dial" in items[0] else None
 
 
+def phase_of(items: list[dict], device) -> torch.Tensor | None:
+    """The windows' frame phases (B,), or None for a model without them."""
+    return torch.stack([it["frame_phase"] for it in items]).to(device) if "frame_phase" in items[0] else None
+
+
 @torch.no_grad()
 def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, device, names, out_dir: Path) -> dict:
     a2l.eval()
@@ -144,7 +157,8 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
             ball_ok += ((summaries[..., -1] > np.log(cfg.event_ball_pos_weight)) == seen).sum().item()
             ball_n += seen.numel()
         pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator,
-                                            past_actions=past, summaries=summaries, dial=dial_of(items, device))
+                                            past_actions=past, summaries=summaries, dial=dial_of(items, device),
+                                            phase=phase_of(items, device))
         true_events = wm.transition_events(palette, ctx[:, -1], nxt) if wm.num_events else None
         if pred_events is not None:
             happened, fired = true_events > 0, pred_events > 0
@@ -177,7 +191,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
            "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
            "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
            "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
-    if a2l.num_events:   # the serve's place follows emulator state no frame shows
+    if a2l.num_events:   # the codes' share of the gap, apart from the event's (its place: README stage 5)
         res["motion_psnr@1_predicted_latent_true_event"] = acc["m_true_event"].psnr
     if a2l.num_events and events_seen[0]:
         res.update(event_recall=events_seen[1] / events_seen[0], event_place_acc=events_seen[2] / events_seen[0],
@@ -191,25 +205,33 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
 
 
 class CachedBatches:
-    """--history_only's batches: shuffled rows of frozen_history_inputs' tensors, one pass per iteration; with
-    `dial` (the model, its key windows, its dial starts, --dial_noise), that fraction of each batch's rows gets
-    its dial inputs turned again from a random start."""
+    """--history_only's and --event_mlp_only's batches: shuffled rows of the frozen inputs' tensors (a dict of
+    equally long tensors, "input" among them), one pass per iteration. With `dial` (the model, its key windows,
+    its dial starts, --dial_noise), that fraction of each batch's rows gets its dial inputs turned again from a
+    random start; with `focus` (a row mask, --event_focus), that fraction of each batch is drawn again from the
+    masked rows, as the frame-reading training's sampler does."""
 
-    def __init__(self, inputs: torch.Tensor, base: torch.Tensor, codes: torch.Tensor, batch_size: int, seed: int,
-                 dial: tuple | None = None):
-        self.inputs, self.base, self.codes, self.batch_size, self.dial = inputs, base, codes, batch_size, dial
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, dial: tuple | None = None,
+                 focus: tuple[torch.Tensor, float] | None = None):
+        self.rows, self.batch_size, self.dial = rows, batch_size, dial
+        self.focus = (focus[0].nonzero()[:, 0], focus[1]) if focus is not None and focus[0].any() and focus[1] else None
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
-        order = torch.randperm(len(self.codes), generator=self.generator)
+        order = torch.randperm(len(self.rows["input"]), generator=self.generator)
         for b in range(0, len(order) - self.batch_size + 1, self.batch_size):
             i = order[b:b + self.batch_size]
-            x = self.inputs[i]
+            if self.focus is not None:
+                rows, fraction = self.focus
+                n = round(fraction * self.batch_size)
+                i = torch.cat([i[n:], rows[torch.randint(len(rows), (n,), generator=self.generator)]])
+            batch = {k: v[i] for k, v in self.rows.items()}
             if self.dial is not None:
                 a2l, keys, starts, noise = self.dial
                 start = noisy_dial(starts[i], noise, a2l.dial_span, self.generator)
-                x = torch.cat([x[:, :-3 * (a2l.history_keys + 1)], a2l.dial_features(keys[i], start)], 1)
-            yield {"input": x, "base": self.base[i], "codes": self.codes[i]}
+                batch["input"] = torch.cat([batch["input"][:, :-3 * (a2l.history_keys + 1)],
+                                            a2l.dial_features(keys[i], start)], 1)
+            yield batch
 
 
 def noisy_dial(dial: torch.Tensor, fraction: float, span: float, generator=None) -> torch.Tensor:
@@ -227,8 +249,9 @@ def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
                         f"--history_width {start.hparams['history_width']} to keep it")
     tensors, own = start.state_dict(), a2l.state_dict()
     fits = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
-    if any(k.startswith("history_") and k not in fits for k in own):   # another head's inputs: all of it new
-        fits = {k: v for k, v in fits.items() if not k.startswith("history_")}
+    for head in ("history_", "event_out."):   # a head with other inputs starts new as a whole, not half loaded
+        if any(k.startswith(head) and k not in fits for k in own):
+            fits = {k: v for k, v in fits.items() if not k.startswith(head)}
     missing = [k for k in own if k not in fits and not k.startswith(("event_", "history_"))]
     if missing:
         raise UserError(f"--init_from {path} does not fit this model's code trunk ({missing[0]}, ...): "
@@ -238,26 +261,20 @@ def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
 
 
 def train_only(a2l: ActionToLatent, prefix: str) -> None:
-    """--events_only / --history_only: freeze all but that head. The event head's fixed colour codes
+    """--events_only / --history_only / --event_mlp_only: freeze all but that head (part). The event head's fixed colour codes
     (FrameEmbed) stay fixed: their backward over 8 frames a window cost 1.5 s a step (session 16's head-only
     runs paid it)."""
     for name, p in a2l.named_parameters():
         p.requires_grad_(p.requires_grad and name.startswith(prefix))
 
 
-@torch.no_grad()
-def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, batch: int = 256):
-    """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
-    logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
-    is then a small MLP's instead of two frame encoders' (the inputs are assembled as forward_events does,
-    gd.history's frames and gd.past_actions' keys: test_history_only_training_inputs_...)."""
-    a2l.eval()
-    xs, base, codes, keys, starts = [], [], [], [], []
+def frozen_steps(a2l: ActionToLatent, windows: PairWindows, device, batch: int = 256):
+    """Every transition of `windows`, a batch of one episode's steps at a time, read by the frozen model as
+    forward_events does (gd.history's frames, gd.past_actions' keys): yields (episode index, episode, steps t,
+    actions, keys before them, the trunk's features, the event head's readings of its frames)."""
     w = windows.w
     for e in tqdm(range(len(w.files)), desc="frozen features", unit="episode", dynamic_ncols=True):
         ep = w.episode(e)
-        dials = torch.from_numpy(gd.dial_before(ep["dials"], np.arange(len(ep["actions"])), a2l.keys_seen)).to(device) \
-            if a2l.dial_span else None
         frames, T = torch.from_numpy(ep["frames"]).to(device), len(ep["actions"])
         summaries = torch.cat([a2l.frame_summaries(frames[None, s:s + batch]) for s in range(0, T, batch)], 1)[0]
         for s in range(0, T, batch):
@@ -265,16 +282,43 @@ def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device, bat
             act = torch.from_numpy(ep["actions"][t].astype(np.int64)).to(device)
             past = torch.from_numpy(gd.past_actions(ep["actions"], t, a2l.keys_seen)).to(device)
             f = a2l.features(act, gd.history(frames, t, a2l.context), past)
-            window = gd.history(summaries, t, a2l.event_context)
-            xs.append(a2l.history_input(f, window, act, past, None if dials is None else dials[t]).cpu())
-            base.append(a2l.out(f).cpu())
-            if dials is not None:
-                keys.append(a2l.key_window(act, past).cpu())
-                starts.append(dials[t].cpu())
-        codes.append(torch.as_tensor(windows.pairs[w.files[e].stem]["codes"][:T]).long())
+            yield e, ep, t, act, past, f, gd.history(summaries, t, a2l.event_context)
+
+
+@torch.no_grad()
+def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device):
+    """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
+    logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
+    is then a small MLP's instead of two frame encoders' (test_history_only_training_inputs_...)."""
+    a2l.eval()
+    xs, base, codes, keys, starts = [], [], [], [], []
+    for e, ep, t, act, past, f, window in frozen_steps(a2l, windows, device):
+        dials = torch.from_numpy(gd.dial_before(ep["dials"], t, a2l.keys_seen)).to(device) if a2l.dial_span else None
+        xs.append(a2l.history_input(f, window, act, past, dials).cpu())
+        base.append(a2l.out(f).cpu())
+        codes.append(torch.as_tensor(windows.pairs[windows.w.files[e].stem]["codes"][t]).long())
+        if dials is not None:
+            keys.append(a2l.key_window(act, past).cpu())
+            starts.append(dials.cpu())
     a2l.train()
     dial = (torch.cat(keys), torch.cat(starts)) if keys else None
     return torch.cat(xs), torch.cat(base), torch.cat(codes), dial
+
+
+@torch.no_grad()
+def frozen_event_inputs(a2l: ActionToLatent, windows: PairWindows, wm, palette, fire: int, device):
+    """--event_mlp_only: for every transition of `windows`, (the event MLP's input, the real event, whether it is
+    FIRE with no ball on screen: --event_focus's rows), computed once (test_event_mlp_only_training_inputs_...)."""
+    a2l.eval()
+    xs, events, focus = [], [], []
+    for e, ep, t, act, past, f, window in frozen_steps(a2l, windows, device):
+        phase = torch.full((len(t),), ep["frame_phase"], device=device) if a2l.frame_phases else None
+        xs.append(a2l.event_input(f, window, phase).cpu())
+        frames = torch.from_numpy(ep["frames"])
+        events.append(wm.transition_events(palette, frames[t].to(device), frames[t + 1].to(device)).cpu())
+        focus.append((act.cpu() == fire) & ~wm_metrics.ball_visible(frames[t], palette.colors))
+    a2l.train()
+    return torch.cat(xs), torch.cat(events), torch.cat(focus)
 
 
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
@@ -327,12 +371,16 @@ def main(argv=None) -> None:
             state["config"].setdefault(name, 0)
         state["config"].setdefault("paddle_dial", False)
         state["config"].setdefault("dial_noise", 0.0)
+        state["config"].setdefault("frame_phase", False)
+        state["config"].setdefault("history_context", 0)
+        state["config"].setdefault("event_mlp_only", False)
         state["config"].setdefault("history_width", 256)
         state["config"].setdefault("event_ball_weight", 0.0)
         state["config"].setdefault("event_ball_pos_weight", 100.0)
         cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
                                                                  "width", "depth", "past_actions", "positional",
-                                                                 "history_keys", "history_width", "paddle_dial"))
+                                                                 "history_keys", "history_width", "paddle_dial",
+                                                                 "frame_phase", "history_context"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -362,12 +410,19 @@ def main(argv=None) -> None:
     if cfg.history_only and (cfg.events_only or not (cfg.init_from and cfg.history_keys)):
         raise UserError("--history_only trains the history head (--history_keys > 0) of an --init_from model, "
                         "without --events_only")
+    if cfg.event_mlp_only and (cfg.events_only or cfg.history_only or not (cfg.init_from and cfg.event_context)):
+        raise UserError("--event_mlp_only trains the event MLP (--event_context > 0) of an --init_from model, "
+                        "without --events_only or --history_only")
+    if cfg.history_context < 0:
+        raise UserError(f"--history_context must be >= 0, got {cfg.history_context}")
     a2l = ActionToLatent(cfg.model, len(names), len(palette), a2l_context, wm.num_tokens, wm.codebook_size, cfg.width,
                          cfg.depth, past_actions=past_actions, positional=cfg.positional and cfg.model == "v2",
                          num_events=wm.num_events, event_context=cfg.event_context, event_width=cfg.event_width,
                          event_depth=cfg.event_depth, history_keys=cfg.history_keys,
                          history_width=cfg.history_width,
-                         dial=atari_env.paddle_dial(cfg.game) if cfg.paddle_dial else None).to(device)
+                         dial=atari_env.paddle_dial(cfg.game) if cfg.paddle_dial else None,
+                         frame_phases=atari_env.FRAMESKIP if cfg.frame_phase else 0,
+                         history_context=cfg.history_context).to(device)
     if cfg.init_from and state is None:
         start_from(a2l, cfg.init_from, wm_meta)
     if cfg.events_only:
@@ -376,10 +431,15 @@ def main(argv=None) -> None:
         train_only(a2l, "event_")
     if cfg.history_only:
         train_only(a2l, "history_")
+    if cfg.event_mlp_only:
+        train_only(a2l, "event_out")
     k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
     n_keys = a2l.keys_seen
-    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, n_keys, a2l.dial), pairs)
-    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, n_keys, a2l.dial), pairs)
+    phases = a2l.frame_phases > 0
+    train = PairWindows(gd.GameplayWindows(train_files, k, cfg.cache_episodes, palette.to_index, n_keys, a2l.dial,
+                                           phases), pairs)
+    val = PairWindows(gd.GameplayWindows(val_files, k, max(4, len(val_files)), palette.to_index, n_keys, a2l.dial,
+                                         phases), pairs)
     opt = torch.optim.AdamW([p for p in a2l.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(0.5 * (1 + np.cos(np.pi * min(1.0, s / cfg.steps)))))
     step, last_val = 0, {}
@@ -400,8 +460,12 @@ def main(argv=None) -> None:
     focus = fire_without_ball if cfg.event_focus and a2l.num_events else None
     if cfg.history_only:   # after --resume has loaded the frozen parts
         inputs, base, codes, dial = frozen_history_inputs(a2l, train, device)
-        loader = CachedBatches(inputs, base, codes, cfg.batch_size, cfg.seed,
+        loader = CachedBatches({"input": inputs, "base": base, "codes": codes}, cfg.batch_size, cfg.seed,
                                (a2l, *dial, cfg.dial_noise) if dial is not None and cfg.dial_noise else None)
+    elif cfg.event_mlp_only:
+        inputs, events, fire_rows = frozen_event_inputs(a2l, train, wm, palette, fire, device)
+        loader = CachedBatches({"input": inputs, "events": events}, cfg.batch_size, cfg.seed,
+                               focus=(fire_rows, cfg.event_focus))
     else:
         sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
                                          focus_fraction=cfg.event_focus)
@@ -423,22 +487,30 @@ def main(argv=None) -> None:
     try:
         while step < cfg.steps:
             for items in loader:
-                codes = items["codes"].to(device)
-                if cfg.history_only:   # the frozen trunk's logits + the history head's
+                loss = 0
+                logits = event_logits = ball_cells = None
+                if cfg.event_mlp_only:   # the frozen model's inputs -> the event MLP's odds; codes untouched
+                    event_logits = a2l.event_out(items["input"].to(device))
+                    events = items["events"].to(device)
+                elif cfg.history_only:   # the frozen trunk's logits + the history head's
+                    codes = items["codes"].to(device)
                     logits = (items["base"].to(device) + a2l.history_head(items["input"].to(device))).view(
                         len(codes), wm.num_tokens, wm.codebook_size)
-                    event_logits = ball_cells = None
                 else:
+                    codes = items["codes"].to(device)
                     ctx, act = items["context"].to(device), items["action"].to(device)
                     dial = items["dial"].to(device) if "dial" in items else None
                     if dial is not None and cfg.dial_noise:
                         dial = noisy_dial(dial, cfg.dial_noise, a2l.dial_span)
+                    phase = items["frame_phase"].to(device) if "frame_phase" in items else None
                     logits, event_logits, ball_cells = a2l.forward_events(act, ctx if cfg.model == "v2" else None,
                                                                           items["past_actions"].to(device), ball=True,
-                                                                          dial=dial)
-                loss = 0 if cfg.events_only else F.cross_entropy(logits.flatten(0, 1), codes.flatten())
-                if event_logits is not None:   # the world model's events, read off the real frames
-                    events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
+                                                                          dial=dial, phase=phase)
+                    if event_logits is not None:   # the world model's events, read off the real frames
+                        events = wm.transition_events(palette, ctx[:, -1], items["next"].to(device))
+                if logits is not None and not cfg.events_only:
+                    loss = F.cross_entropy(logits.flatten(0, 1), codes.flatten())
+                if event_logits is not None:
                     loss = loss + F.cross_entropy(event_logits, events)
                 if ball_cells is not None and cfg.event_ball_weight:   # where the ball is in each frame the event head reads
                     seen = cells_any(wm_metrics.ball_pixels(last_frames(ctx, a2l.event_context), palette.colors))
@@ -451,8 +523,9 @@ def main(argv=None) -> None:
                 step += 1
                 bar.update(1)
                 if step % 25 == 0:
-                    acc = (logits.argmax(-1) == codes).all(1).float().mean().item()
-                    logger.log({"loss": loss.item(), "train_latent_acc": acc}, step)
+                    acc = ((logits.argmax(-1) == codes).all(1) if logits is not None
+                           else event_logits.argmax(-1) == events).float().mean().item()
+                    logger.log({"loss": loss.item(), "train_latent_acc" if logits is not None else "train_event_acc": acc}, step)
                     bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     last_val = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent")

@@ -88,8 +88,9 @@ class Config:
     prior_from: str = arg("", "start the prior from these action_to_latent.safetensors (stage 5's model for --init_from's "
                               "world model; its shape replaces --prior_width/--prior_past_actions)")
     events: bool = arg(False, "Breakout: a second input to the decoder saying where the game serves the ball (labelled from "
-                              "the frames; stage 5 predicts it from keys + frames); the serve's place follows emulator "
-                              "state no frame shows, and the latent action never learned it (README stage 3)")
+                              "the frames; stage 5 predicts it from keys, frames and the frame phase); the serve's place follows "
+                              "the game's frame counter, which no frame shows, and the latent action never learned "
+                              "it (README stage 3)")
     event_fraction: float = arg(0.25, "with --events: share of each batch drawn from transitions with an event (serves are ~2%%)")
     event_scan: int = arg(300, "with --events: training episodes searched for events (their places and the oversampled pool)")
     shift_classes: int = arg(0, "shift classes in the decoder's output: per grid cell and offset d, 'the pixel shows the last "

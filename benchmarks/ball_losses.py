@@ -67,7 +67,7 @@ def main() -> None:
         real = np.stack(replay.advance(actions))
         for env, out in zip(envs, losses):
             env.reset(options={"frames": gd.history(ep["frames"], s, env.context_length),
-                               **env.recorded_keys(ep["actions"], s)})
+                               **env.recorded_keys(ep["actions"], s, ep["meta"])})
             dream = np.stack([env.step(int(a))[0] for a in actions])
             out.append(first_loss(dream, real))
     print(f"{len(starts)} held-out starts, {args.steps} steps each; a loss = first real ball the dream does not draw")

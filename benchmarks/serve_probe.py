@@ -2,8 +2,8 @@
 
     python benchmarks/serve_probe.py checkpoints/breakout/world_model.safetensors [more.safetensors ...]
 
-At a serve (metrics.serve_steps) the game puts the ball at one of three places (x ~18, ~79 or ~140) that
-no frame predicts, so only the latent can tell the decoder where. For each world model this prints:
+At a serve (metrics.serve_steps) the game puts the ball at one of three places (x ~18, ~79 or ~140) picked
+by its frame counter, which no frame shows, so only the latent can tell the decoder where. For each world model this prints:
 * decoder: on the held-out serves, with the encoder's latent of the real transition, the softmax
   probability the decoder gives the new ball's pixels (their true class), median and mean; the share of
   serves where the decoded frame shows a ball; how many distinct latents the serves get. The same for

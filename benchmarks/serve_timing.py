@@ -130,7 +130,7 @@ def main() -> None:
             state = replay.ale.cloneState()
             real_n.append(first_ball(replay.advance([FIRE] * args.presses)))
             replay.ale.restoreState(state)
-            env.reset(seed=len(dream_n), options={"frames": gd.history(frames, t, k), **env.recorded_keys(actions, t)})
+            env.reset(seed=len(dream_n), options={"frames": gd.history(frames, t, k), **env.recorded_keys(actions, t, ep["meta"])})
             dream_n.append(first_ball(env.step(FIRE)[0] for _ in range(args.presses)))
     big = args.presses + 1
     r = np.array([x or big for x in real_n])

@@ -3,7 +3,7 @@
     env = atari_env.make_neural_env("breakout")                 # shipped weights in checkpoints/breakout
     obs, info = env.reset(seed=0)                                # real start frames shipped beside them
     obs, info = env.reset(options={"frames": frames_k_210_160_3})
-    obs, info = env.reset(options={"frames": ..., **env.recorded_keys(actions, t)})   # mid-recording: keys, dial
+    obs, info = env.reset(options={"frames": ..., **env.recorded_keys(actions, t, meta)})   # mid-recording: keys, dial, phase
     obs, reward, terminated, truncated, info = env.step(2)       # RIGHT
 
 Each step: real action (+ the k context frames) -> action->latent model -> latent code (and, for a world
@@ -102,14 +102,24 @@ class NeuralAtariEnv(gym.Env):
         if self.a2l.dial_span:
             dial = opts.get("paddle_dial")
             self._dial = torch.tensor([self.a2l.dial_span / 2 if dial is None else float(dial)], device=self.device)
+        # where the emulator's frame counter started (atari_env.recorded_frame_phase), which picks where Breakout
+        # serves: options "frame_phase"; by default 0, that of the shipped start frames (RealTwin: no no-op start)
+        self._phase = None
+        if self.a2l.frame_phases:
+            self._phase = torch.tensor([int(opts.get("frame_phase", 0)) % self.a2l.frame_phases], device=self.device)
         self._steps = 0
         return self._obs(), {"step": 0}
 
-    def recorded_keys(self, actions: np.ndarray, t: int) -> dict:
-        """reset() options for starting at step t of a recording with these actions: the keys before t that the
-        action->latent model reads and, for a model with one, the paddle's dial before them."""
+    def recorded_keys(self, actions: np.ndarray, t: int, meta: dict | None = None) -> dict:
+        """reset() options for starting at step t of a recording with these actions (and `meta`): the keys before
+        t that the action->latent model reads and, for a model that reads them, the paddle's dial before them
+        and the recording's frame phase."""
         past, dial = gd.key_history(actions, t, self.a2l.keys_seen, self.a2l.dial)
-        return {"past_actions": past.tolist(), "paddle_dial": None if dial is None else float(dial)}
+        opts = {"past_actions": past.tolist(), "paddle_dial": None if dial is None else float(dial)}
+        if self.a2l.frame_phases and meta is not None:
+            import atari_env
+            opts["frame_phase"] = atari_env.recorded_frame_phase(meta)
+        return opts
 
     def step(self, action):
         if self._ctx is None:
@@ -125,7 +135,7 @@ class NeuralAtariEnv(gym.Env):
         with torch.inference_mode():
             act = torch.tensor([int(action)], device=self.device)
             codes, event = self.a2l.sample_step(act, self._ctx, self.temperature, self._generator, self._past,
-                                                summaries=self._summaries, dial=self._dial)
+                                                summaries=self._summaries, dial=self._dial, phase=self._phase)
             if self._dial is not None:   # the oldest key leaves the window: the dial before the next oldest
                 self._dial = gd.turn_dial(self._dial, self.a2l.dial_turns[self._past[:, :1]], self.a2l.dial_span)[0]
             self._past = torch.cat([self._past[:, 1:], act[:, None]], 1)

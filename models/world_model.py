@@ -410,8 +410,8 @@ class LatentActionModel(nn.Module):
         self.register_buffer("code_map", code_map, persistent=False)
         # decoder: sees context frames, FiLM-conditioned on the quantised latent
         cond = num_tokens * code_dim
-        # events (README stage 3, "the serve"): what the game decides at random and no frame predicts, so
-        # the latent action never learned it (sessions 6-14). Event e > 0 = "the ball is served at
+        # events (README stage 3, "the serve"): where the game serves follows its frame counter, which no
+        # frame shows, so the latent action never learned it (sessions 6-14; stage 5, session 36). Event e > 0 = "the ball is served at
         # event_places[e - 1]", labelled from the recorded frames (metrics.serve_place); its vector is added
         # to the latent's. Event 0 = nothing happens: fixed at zero, so a model without events decodes alike.
         self.event_places = event_places
@@ -763,7 +763,8 @@ class ActionToLatent(nn.Module):
                  codebook_size: int, width: int = 48, depth: int = 2, embed_dim: int = 4, prev_action: bool = False,
                  past_actions: int | None = None, positional: bool = False, num_events: int = 0,
                  event_context: int = 0, event_width: int = 16, event_depth: int = 0, history_keys: int = 0,
-                 history_width: int = 256, dial: tuple[list[int], float] | None = None):
+                 history_width: int = 256, dial: tuple[list[int], float] | None = None, frame_phases: int = 0,
+                 history_context: int = 0):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
@@ -789,7 +790,8 @@ class ActionToLatent(nn.Module):
             in_dim = 64
         self.out = nn.Sequential(nn.Linear(in_dim, 128), nn.SiLU(), nn.Linear(128, num_tokens * codebook_size))
         # the world model's events (a serve and its place): whether one happens follows from the keys and
-        # frames (FIRE with no ball in play), where it happens does not, so play samples the place
+        # frames (FIRE with no ball in play), where it happens from the frame phase and frames (below); play
+        # samples both from the head's odds
         self.num_events = num_events
         # Breakout serves on FIRE only once ~7 steps have passed since the ball was lost: the event head also
         # reads `event_context` frames, each through one small shared encoder pooled to "what, and
@@ -801,7 +803,14 @@ class ActionToLatent(nn.Module):
         # one a batch; a frame's "ball on screen" is its most confident cell, fed to the event MLP. (Trained
         # on the frame's answer alone, through a max over cells, it stayed at the prior: README stage 5.)
         self.event_ball = nn.Conv2d(event_width, 1, 1) if self.event_context else None
-        ev_dim = in_dim + (3 * event_width + 1) * self.event_context
+        # Where Breakout serves is picked by its frame counter's last two bits on the launch frame: the no-op start
+        # (which raw frame of a step the counter starts on, atari_env.recorded_frame_phase) and, for a FIRE held
+        # while the lost ball still falls out of sight, when it lands, which the event head's frames show (README
+        # stage 5, session 36). With `frame_phases`, the event head reads that phase, one-hot.
+        self.frame_phases = frame_phases if self.event_context else 0
+        if self.frame_phases:
+            self.hparams["frame_phases"] = self.frame_phases
+        ev_dim = in_dim + (3 * event_width + 1) * self.event_context + self.frame_phases
         self.event_out = nn.Sequential(nn.Linear(ev_dim, 128), nn.SiLU(), nn.Linear(128, num_events)) if num_events else None
         # The history head: what the code trunk's two frames and five keys leave open is mostly the paddle,
         # whose step depends on keys and positions further back (it winds up past the right wall). It reads
@@ -811,6 +820,9 @@ class ActionToLatent(nn.Module):
         if history_keys and not self.event_context:
             raise ValueError("the history head reads the event head's frames: it needs event_context > 0 and events")
         self.history_keys, self.history_head = history_keys, None
+        # the history head reads the last `history_context` of the event head's frames (0: all of them), so the
+        # event head can read further back without changing a trained history head's inputs
+        self.history_context = min(history_context or self.event_context, self.event_context)
         # A paddle's dial winds up past a wall out of sight (atari_env.PADDLE_DIAL_SPAN), so where the paddle goes
         # next depends on keys older than any window: the callers follow the dial from the episode's start
         # (gameplay_data.paddle_dials) and the head reads it after each of its keys (README stage 5, session 35)
@@ -819,9 +831,11 @@ class ActionToLatent(nn.Module):
                                                         dtype=torch.float32), persistent=False)
         if self.history_keys:
             self.hparams.update(history_keys=history_keys, history_width=history_width)
+            if self.history_context != self.event_context:
+                self.hparams["history_context"] = self.history_context
             if self.dial_span:
                 self.hparams.update(dial_turns=list(dial[0]), dial_span=self.dial_span)
-            hist_dim = (in_dim + (3 * event_width + 1) * self.event_context + num_actions * (history_keys + 1)
+            hist_dim = (in_dim + (3 * event_width + 1) * self.history_context + num_actions * (history_keys + 1)
                         + (3 * (history_keys + 1) if self.dial_span else 0))
             # affine-free BatchNorm: the inputs (pooled features, soft-argmax places, one-hot keys) come on
             # very different scales; per-feature standardising learned them better than a LayerNorm did
@@ -842,11 +856,12 @@ class ActionToLatent(nn.Module):
         return self.out(self.features(action, context_idx, past_actions)).view(-1, self.num_tokens, self.codebook_size)
 
     def forward_events(self, action, context_idx=None, past_actions=None, ball: bool = False, summaries=None,
-                       dial=None):
+                       dial=None, phase=None):
         """-> (code logits, event logits (B, num_events) or None), from one pass over the frames; with
         `ball`, also the ball logits per grid cell (B, event_context, 27, 20) of the event head's frames
         (or None). `summaries`: frame_summaries of the last event_context frames, kept by a caller that
-        steps through time (the neural env), instead of reading them again from `context_idx`."""
+        steps through time (the neural env), instead of reading them again from `context_idx`. `phase`:
+        (B,) the episode's frame phase for a model with frame_phases (None: unknown, no input)."""
         f = self.features(action, context_idx, past_actions)
         codes = self.out(f)
         events = ball_cells = None
@@ -856,19 +871,32 @@ class ActionToLatent(nn.Module):
         if self.history_head is not None:
             codes = codes + self.history_head(self.history_input(f, summaries, action, past_actions, dial))
         if self.event_out is not None:
-            if summaries is not None:
-                f = torch.cat([f, summaries[..., :-1].flatten(1), summaries[..., -1]], 1)
-            events = self.event_out(f)
+            events = self.event_out(self.event_input(f, summaries, phase))
         codes = codes.view(-1, self.num_tokens, self.codebook_size)
         return (codes, events, ball_cells) if ball else (codes, events)
 
+    def event_input(self, features, summaries=None, phase=None) -> torch.Tensor:
+        """-> (B, the event MLP's input): the trunk's features, the event head's readings of its frames
+        (B, event_context, 3 * event_width + 1) and, with frame_phases, the frame phase one-hot (zeros: unknown)."""
+        parts = [features]
+        if summaries is not None:
+            parts += [summaries[..., :-1].flatten(1), summaries[..., -1]]
+        if self.frame_phases:
+            one_hot = torch.zeros(len(features), self.frame_phases, device=features.device)
+            if phase is not None:
+                one_hot[torch.arange(len(features)), phase.long().view(-1).to(features.device)] = 1
+            parts.append(one_hot)
+        return torch.cat(parts, 1)
+
     def history_input(self, features, summaries, action, past_actions=None, dial=None) -> torch.Tensor:
-        """-> (B, history head's input): the trunk's features, the event head's readings of its frames
-        (B, event_context, 3 * event_width + 1), the keys a_t-history_keys..a_t, one-hot, and (with a dial)
-        the dial after each of them, as a fraction of its range and whether it is at either end."""
+        """-> (B, history head's input): the trunk's features, the event head's readings of its last
+        history_context frames (of summaries (B, event_context, 3 * event_width + 1)), the keys
+        a_t-history_keys..a_t, one-hot, and (with a dial) the dial after each of them, as a fraction of its
+        range and whether it is at either end."""
         all_keys = self.key_window(action, past_actions)
         keys = all_keys[:, self.keys_seen - self.history_keys:]
-        parts = [features, summaries.flatten(1), F.one_hot(keys, self.num_actions).flatten(1).float()]
+        parts = [features, summaries[:, summaries.shape[1] - self.history_context:].flatten(1),
+                 F.one_hot(keys, self.num_actions).flatten(1).float()]
         if self.dial_span:
             parts.append(self.dial_features(all_keys, dial))
         return torch.cat(parts, 1)
@@ -952,14 +980,14 @@ class ActionToLatent(nn.Module):
 
     @torch.no_grad()
     def sample_step(self, action, context_idx=None, temperature: float = 0.0, generator=None, past_actions=None,
-                    summaries=None, dial=None):
+                    summaries=None, dial=None, phase=None):
         """-> (codes (B, num_tokens), event ids (B,) or None). Codes: argmax, or sampled at `temperature`.
-        Event: sampled from the model's odds, whether and where, as the game draws them (where the game
-        serves follows emulator state no frame shows, README stage 5; whether it serves at a FIRE some 5-8 steps after a lost ball is a coin
-        flip in the recordings too), except that odds of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary
-        steps would otherwise add up to stray serves over a long game. Sampling runs on the CPU, where
-        `generator` lives."""
-        logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries, dial=dial)
+        Event: sampled from the model's odds, whether and where (both follow the game's frame counter and when
+        the lost ball lands out of sight: `phase` and the frames, README stage 5, session 36), except that odds
+        of "something happens" below EVENT_FLOOR count as none: a model's small errors on ordinary steps would
+        otherwise add up to stray serves over a long game. Sampling runs on the CPU, where `generator` lives."""
+        logits, event_logits = self.forward_events(action, context_idx, past_actions, summaries=summaries, dial=dial,
+                                                   phase=phase)
         if temperature <= 0:
             codes = logits.argmax(-1)
         else:

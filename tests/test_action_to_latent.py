@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+import atari_env
 import gameplay_data as gd
+import metrics
 from common import UserError
 from conftest import run_script
 from models.world_model import ActionToLatent, load_action_to_latent, load_world_model, read_weights, save_weights
@@ -199,7 +201,7 @@ def test_history_head_reads_the_paddle_dial_after_each_of_its_keys(tmp_path):
 def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path):
     """--init_from a model with a history head into one without (say --events_only without --history_keys) would
     drop the head and silently change the codes: refused, naming the flags; with them, every tensor is kept; into
-    a head that reads more (a dial), the head starts afresh, not half loaded."""
+    a head that reads more (a dial; for the event MLP, the frame phase), that head starts afresh, not half loaded."""
     from train_action_to_latent import start_from
     path = tmp_path / "action_to_latent.safetensors"
     trained = history_model(history_keys=6)
@@ -215,6 +217,10 @@ def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path
     start_from(dialled, str(path), wm_meta)
     assert dialled.history_head[-1].weight.abs().sum() == 0
     assert all(torch.equal(v, dialled.state_dict()[k]) for k, v in trained.state_dict().items() if "history_" not in k)
+    phased = history_model(history_keys=6, frame_phases=4)   # so does an event MLP that reads more (the phase)
+    start_from(phased, str(path), wm_meta)
+    assert not any(torch.equal(v, phased.state_dict()[k]) for k, v in trained.state_dict().items() if "event_out" in k)
+    assert all(torch.equal(v, phased.state_dict()[k]) for k, v in trained.state_dict().items() if "event_out" not in k)
 
 
 def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
@@ -236,9 +242,10 @@ def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_mod
     # --dial_noise turns the dial again from the kept keys: without noise the same inputs, with it only the dial's
     n_dial = 3 * 7
     assert torch.equal(a2l.dial_features(keys, starts), inputs[:, -n_dial:])
-    calm = next(iter(CachedBatches(inputs, base, codes, 64, 0, (a2l, keys, starts, 0.0))))
-    noisy = next(iter(CachedBatches(inputs, base, codes, 64, 0, (a2l, keys, starts, 1.0))))
-    plain = next(iter(CachedBatches(inputs, base, codes, 64, 0)))
+    rows = {"input": inputs, "base": base, "codes": codes}
+    calm = next(iter(CachedBatches(rows, 64, 0, (a2l, keys, starts, 0.0))))
+    noisy = next(iter(CachedBatches(rows, 64, 0, (a2l, keys, starts, 1.0))))
+    plain = next(iter(CachedBatches(rows, 64, 0)))
     assert torch.equal(calm["input"], plain["input"]) and torch.equal(noisy["input"][:, :-n_dial], plain["input"][:, :-n_dial])
     assert not torch.equal(noisy["input"][:, -n_dial:], plain["input"][:, -n_dial:])
     a2l.eval()
@@ -251,3 +258,43 @@ def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_mod
             dials = gd.paddle_dials(windows.episode(item["episode"])["actions"], a2l.dial)
             assert item["dial"] == dials[max(0, item["t"] - 6)]
             assert torch.allclose(cached[i], direct.flatten(), atol=1e-4), i
+
+
+def test_event_mlp_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
+    """The cached inputs --event_mlp_only trains on give the same event odds as the model itself, which reads the
+    episode's frame phase; their labels are the real events and the focus rows FIRE with no ball on screen. The
+    event head reads more frames than the history head (history_context), whose inputs stay those of 5 frames."""
+    from train_action_to_latent import CachedBatches, PairWindows, frozen_event_inputs, train_only
+    wm, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
+    files = gd.split_episodes(tiny_data, "train")[:2]
+    a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
+                         num_events=3, event_context=7, event_width=4, history_keys=6, frame_phases=4,
+                         history_context=5)
+    assert a2l.hparams["history_context"] == 5 and a2l.hparams["frame_phases"] == 4
+    with_7 = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
+                            num_events=3, event_context=7, event_width=4, history_keys=6)
+    assert with_7.history_head[1].in_features - a2l.history_head[1].in_features == 2 * (3 * 4 + 1)
+    train_only(a2l, "event_out")
+    assert {n.split(".")[0] for n, p in a2l.named_parameters() if p.requires_grad} == {"event_out"}
+    windows = gd.GameplayWindows(files, 7, 2, palette.to_index, a2l.keys_seen, frame_phase=True)
+    pairs = {f.stem: {"codes": np.zeros((len(windows.episode(e)["actions"]), 1), np.int16)} for e, f in enumerate(files)}
+    inputs, events, fire_rows = frozen_event_inputs(a2l, PairWindows(windows, pairs), wm, palette, 1, "cpu")
+    assert len(inputs) == len(events) == len(fire_rows) == len(windows) and a2l.training
+    focused = next(iter(CachedBatches({"input": inputs, "events": events, "fire": fire_rows}, 64, 0,
+                                      focus=(fire_rows, 0.5))))
+    assert focused["fire"].float().mean() >= 0.5 > fire_rows.float().mean()
+    a2l.eval()
+    with torch.no_grad():
+        cached = a2l.event_out(inputs)
+        for i in [0, 1, 2, 5, len(windows) - 1]:
+            item = windows[i]
+            act, ctx, past = torch.tensor([item["action"]]), item["context"][None], item["past_actions"][None]
+            phase = item["frame_phase"][None]
+            assert int(phase) == atari_env.recorded_frame_phase(gd.load_episode(files[item["episode"]], ("meta",))["meta"])
+            direct = a2l.forward_events(act, ctx, past, phase=phase)[1]
+            assert torch.allclose(cached[i], direct[0], atol=1e-4), i
+            assert not torch.allclose(direct, a2l.forward_events(act, ctx, past, phase=(phase + 1) % 4)[1])
+            assert torch.equal(a2l.forward_events(act, ctx, past, phase=phase)[0], a2l.forward_events(act, ctx, past)[0])
+            nxt = item["next"][None].long()
+            assert events[i] == wm.transition_events(palette, ctx[:, -1].long(), nxt)[0]
+            assert fire_rows[i] == (item["action"] == 1 and not metrics.ball_visible(ctx[:, -1], palette.colors)[0])

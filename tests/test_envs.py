@@ -144,6 +144,53 @@ def test_breakout_serve_place_follows_hidden_emulator_state_not_chance():
         assert all(a != b for a, b in zip(places(noop_frames, (0, 0, 0)), first)), noop_frames
 
 
+def test_breakout_serves_where_its_frame_counter_says_and_recordings_know_where_it_started():
+    """The rule behind the test above (README stage 5, session 36): RAM byte 90 counts frames from reset, and the
+    place of a serve is picked by its last two bits on the frame the ball is launched, one of four. A FIRE held
+    once the lost ball is out of sight launches on a step's first frame, so the no-op start (that counter's
+    phase, atari_env.recorded_frame_phase) alone picks it; recorded_frame_phase finds that phase for every kind
+    of recording: a stored start frame, random play's no-op count, the DQN's seeded no-op start replayed."""
+    import metrics
+    env = atari_env.make_world_model_env("breakout")
+    ale = env.unwrapped.ale
+    launches = {}
+    for noop_frames in range(8):
+        env.reset(seed=0)
+        atari_env.noop_start(env, noop_frames)
+        for wait in (0, 12, 3):
+            for _ in range(wait):
+                env.step(0)
+            for _ in range(30):                   # FIRE, a raw frame at a time, until the ball is launched
+                before = ale.getRAM().copy()
+                for _ in range(atari_env.FRAMESKIP):
+                    ale.act(1)
+                    if before[101] == 0 and ale.getRAM()[101] != 0:
+                        break
+                    before = ale.getRAM().copy()
+                else:
+                    continue
+                break
+            counter, frame = int(ale.getRAM()[90]), ale.getEpisodeFrameNumber()
+            assert counter == frame % 256
+            launches.setdefault(counter % 4, set()).add(int(ale.getRAM()[99]))   # the ball's column once launched
+            for _ in range(400):                  # NOOP until it is lost
+                if metrics.ball_position(env.step(0)[0]) is None:
+                    break
+    assert len(launches) == 4 and all(len(cols) == 1 for cols in launches.values())
+    assert len(set.union(*launches.values())) == 4
+    assert atari_env.recorded_frame_phase({"start_frame": 9, "noop_frames": 2}) == 1
+    assert atari_env.recorded_frame_phase({"noop_frames": 7}) == 3
+    agent = atari_env.make_agent_env("breakout", noop_max=30)
+    phases = set()
+    for seed in range(6):
+        agent.reset(seed=seed)
+        start = agent.unwrapped.ale.getEpisodeFrameNumber()
+        meta = {"game": "breakout", "seed": seed, "policy": "dqn", "env": {"noop_max": 30}}
+        assert atari_env.recorded_frame_phase(meta) == start % atari_env.FRAMESKIP
+        phases.add(start % atari_env.FRAMESKIP)
+    assert len(phases) > 1
+
+
 def test_real_twin_says_when_the_real_game_is_over():
     """neural_random_game --compare holds the real side's last frame once its game is over, and says from when."""
     twin = atari_env.RealTwin("breakout", 2)

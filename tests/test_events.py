@@ -169,6 +169,35 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     bad = run_script("train_action_to_latent.py", *hist[:6], "--history-keys", 4, "--steps", 2, "--wandb", "disabled",
                      check=False)   # no --event_context
     assert bad.returncode == 2 and "history head" in bad.stderr.strip().splitlines()[-1]
+    # its event MLP trained alone (--event_mlp_only), reading 10 frames and the frame phase, while the history head
+    # keeps reading the last 8: everything else stays bit for bit
+    mlp = [*hist[:4], "--out-dir", tmp_path / "mlp", *hist[6:-8], "--event-context", 10, "--history-context", 8,
+           *hist[-6:], "--event-focus", 0.5]
+    out = run_script("train_action_to_latent.py", *mlp, "--steps", 2, "--event-mlp-only",
+                     "--init-from", tmp_path / "hist" / "action_to_latent.safetensors")
+    assert "latent_acc" in out.stdout and "frozen features" in out.stderr
+    phased, _ = load_action_to_latent(tmp_path / "mlp" / "action_to_latent.safetensors", meta)
+    assert (phased.event_context, phased.history_context, phased.frame_phases) == (10, 8, 4)
+    moved = {k for k, v in with_history.state_dict().items()
+             if v.shape != phased.state_dict()[k].shape or not torch.equal(v, phased.state_dict()[k])}
+    assert moved == {k for k in with_history.state_dict() if k.startswith("event_out")}
+    assert phased.event_out[0].in_features == with_history.event_out[0].in_features + 2 * (3 * 4 + 1)
+    assert with_history.frame_phases == 4   # on by default
+    bad = run_script("train_action_to_latent.py", *mlp, "--steps", 2, "--event-mlp-only", check=False)   # no --init_from
+    assert bad.returncode == 2 and "--event_mlp_only" in bad.stderr.strip().splitlines()[-1]
+    import atari_env
+    for name in ("world_model.safetensors", "start_frames.safetensors"):
+        shutil.copy(wm_dir / name, tmp_path / "mlp")
+    env = atari_env.make_neural_env("breakout", tmp_path / "mlp", "cpu")
+    assert env.unwrapped.context_length == 10
+    env.reset(seed=0)   # the shipped start frames' phase (no no-op start), or the recording's
+    assert env.unwrapped._phase.tolist() == [0]
+    recorded = np.array([2, 3, 3, 3, 0, 1] * 3)
+    opts = env.unwrapped.recorded_keys(recorded, 10, {"noop_frames": 7})
+    assert opts["frame_phase"] == 3 and "frame_phase" not in env.unwrapped.recorded_keys(recorded, 10)
+    env.reset(seed=0, options={"frames": np.stack([env.render()] * 2), **opts})
+    assert env.unwrapped._phase.tolist() == [3]
+    assert 0 <= env.step(1)[4]["event"] < wm.num_events
     for name in ("world_model.safetensors", "start_frames.safetensors"):
         shutil.copy(wm_dir / name, tmp_path / "hist")
     import atari_env

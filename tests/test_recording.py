@@ -17,6 +17,7 @@ from record_videos import Config, episode_policy, record_episode
 def test_recorded_frames_are_bit_identical_to_the_env(tmp_path):
     cfg = Config(policy="random", output_dir=str(tmp_path), noop_max=0, seed=5)
     meta = record_episode(cfg, 0, None)
+    assert meta["start_frame"] == meta["noop_frames"] == 0   # where the frame counter started
     ep = gd.load_episode(gd.episode_path(tmp_path, 0))
     assert ep["frames"].shape == (meta["steps"] + 1, 210, 160, 3)
     env = atari_env.make_world_model_env("breakout")
