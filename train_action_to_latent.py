@@ -64,6 +64,9 @@ class Config:
     paddle_dial: bool = arg(True, "the history head also reads where its keys turned the paddle's dial, followed from "
                                   "the episode's start (paddle games: atari_env.paddle_dial): it winds up past a wall "
                                   "out of sight (README stage 5, session 35)")
+    dial_levels: bool = arg(True, "with --paddle_dial, the history head also reads which of its few reachable values "
+                                  "the dial is at, one-hot (a whole number of presses from the middle or either end): "
+                                  "the paddle's next column is a step function of it (README stage 5, session 36)")
     dial_noise: float = arg(0.0, "fraction of training transitions whose dial starts from a random place (before the "
                                  "head's oldest key): a dream's paddle can drift from where the keys put the dial, "
                                  "which recordings never show, so the head learns to weigh the frames too")
@@ -122,9 +125,13 @@ def dial_of(items: list[dict], device) -> torch.Tensor | None:
     return torch.stack([it["dial"] for it in items]).to(device) if "dial" in items[0] else None
 
 
-def phase_of(items: list[dict], device) -> torch.Tensor | None:
+def phase_of(items: list[dict], device, a2l: ActionToLatent) -> torch.Tensor | None:
     """The windows' frame phases (B,), or None for a model without them."""
-    return torch.stack([it["frame_phase"] for it in items]).to(device) if "frame_phase" in items[0] else None
+    if not a2l.frame_phases:
+        return None
+    if "frame_phase" not in items[0]:   # its event odds would be those of an unknown phase
+        raise ValueError("the model reads the frame phase: make the windows with frame_phase=True")
+    return torch.stack([it["frame_phase"] for it in items]).to(device)
 
 
 @torch.no_grad()
@@ -158,7 +165,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
             ball_n += seen.numel()
         pred, pred_events = a2l.sample_step(act, ctx if cfg.model == "v2" else None, generator=generator,
                                             past_actions=past, summaries=summaries, dial=dial_of(items, device),
-                                            phase=phase_of(items, device))
+                                            phase=phase_of(items, device, a2l))
         true_events = wm.transition_events(palette, ctx[:, -1], nxt) if wm.num_events else None
         if pred_events is not None:
             happened, fired = true_events > 0, pred_events > 0
@@ -229,7 +236,7 @@ class CachedBatches:
             if self.dial is not None:
                 a2l, keys, starts, noise = self.dial
                 start = noisy_dial(starts[i], noise, a2l.dial_span, self.generator)
-                batch["input"] = torch.cat([batch["input"][:, :-3 * (a2l.history_keys + 1)],
+                batch["input"] = torch.cat([batch["input"][:, :-a2l.dial_columns],
                                             a2l.dial_features(keys[i], start)], 1)
             yield batch
 
@@ -349,7 +356,7 @@ def validate_saved(cfg: Config, out_dir: Path, wm, palette, wm_meta: dict, pairs
     a2l, meta = load_action_to_latent(out_dir / "action_to_latent.safetensors", wm_meta, device)
     cfg = dataclasses.replace(cfg, model=a2l.version)
     val = PairWindows(gd.GameplayWindows(val_files, max(a2l.frames_seen, wm.context), max(4, len(val_files)),
-                                         palette.to_index, a2l.keys_seen, a2l.dial), pairs)
+                                         palette.to_index, a2l.keys_seen, a2l.dial, a2l.frame_phases > 0), pairs)
     result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only")
     result.update(step=meta.get("step"), world_model_step=wm_meta.get("step"), device=str(device))
     save_json(out_dir / "action_to_latent_eval_only.json", result)
@@ -372,6 +379,7 @@ def main(argv=None) -> None:
         state["config"].setdefault("paddle_dial", False)
         state["config"].setdefault("dial_noise", 0.0)
         state["config"].setdefault("frame_phase", False)
+        state["config"].setdefault("dial_levels", False)
         state["config"].setdefault("history_context", 0)
         state["config"].setdefault("event_mlp_only", False)
         state["config"].setdefault("history_width", 256)
@@ -380,7 +388,7 @@ def main(argv=None) -> None:
         cfg = restore_config(cfg, state["config"], fixed=("game", "model", "context", "event_context", "event_width", "event_depth",
                                                                  "width", "depth", "past_actions", "positional",
                                                                  "history_keys", "history_width", "paddle_dial",
-                                                                 "frame_phase", "history_context"))
+                                                                 "frame_phase", "history_context", "dial_levels"))
     torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -422,7 +430,7 @@ def main(argv=None) -> None:
                          history_width=cfg.history_width,
                          dial=atari_env.paddle_dial(cfg.game) if cfg.paddle_dial else None,
                          frame_phases=atari_env.FRAMESKIP if cfg.frame_phase else 0,
-                         history_context=cfg.history_context).to(device)
+                         history_context=cfg.history_context, dial_levels=cfg.dial_levels).to(device)
     if cfg.init_from and state is None:
         start_from(a2l, cfg.init_from, wm_meta)
     if cfg.events_only:

@@ -764,7 +764,7 @@ class ActionToLatent(nn.Module):
                  past_actions: int | None = None, positional: bool = False, num_events: int = 0,
                  event_context: int = 0, event_width: int = 16, event_depth: int = 0, history_keys: int = 0,
                  history_width: int = 256, dial: tuple[list[int], float] | None = None, frame_phases: int = 0,
-                 history_context: int = 0):
+                 history_context: int = 0, dial_levels: bool = False):
         super().__init__()
         # `prev_action` is how weights saved before `past_actions` existed say "one past action"
         past_actions = int(prev_action) if past_actions is None else past_actions
@@ -829,14 +829,21 @@ class ActionToLatent(nn.Module):
         self.dial_span = float(dial[1]) if dial and history_keys else 0.0
         self.register_buffer("dial_turns", torch.tensor(dial[0] if self.dial_span else [0] * num_actions,
                                                         dtype=torch.float32), persistent=False)
+        # With `dial_levels` the head also reads which of its few reachable values the dial is at, one-hot: it
+        # starts mid-range and turns a whole press at a time, clamped at either end, so it is always a whole number
+        # of presses from the middle, the low end or the high end (27 values for Breakout). The paddle's next
+        # column is a step function of it, which a fraction of the range gave the MLP only blurred (session 36).
+        self.dial_levels = int(self.dial_span) + 1 if self.dial_span and dial_levels else 0
         if self.history_keys:
             self.hparams.update(history_keys=history_keys, history_width=history_width)
             if self.history_context != self.event_context:
                 self.hparams["history_context"] = self.history_context
             if self.dial_span:
                 self.hparams.update(dial_turns=list(dial[0]), dial_span=self.dial_span)
+            if self.dial_levels:
+                self.hparams["dial_levels"] = True
             hist_dim = (in_dim + (3 * event_width + 1) * self.history_context + num_actions * (history_keys + 1)
-                        + (3 * (history_keys + 1) if self.dial_span else 0))
+                        + self.dial_columns)
             # affine-free BatchNorm: the inputs (pooled features, soft-argmax places, one-hot keys) come on
             # very different scales; per-feature standardising learned them better than a LayerNorm did
             self.history_head = nn.Sequential(nn.BatchNorm1d(hist_dim, affine=False), nn.Linear(hist_dim, history_width),
@@ -905,14 +912,31 @@ class ActionToLatent(nn.Module):
         """-> (B, keys_seen + 1) long: the keys before a_t (pad_history), then a_t."""
         return torch.cat([self.pad_history(action, past_actions), action.long().view(-1, 1)], 1)
 
+    @property
+    def dial_columns(self) -> int:
+        """How many of history_input's last columns are dial_features (0 without a dial)."""
+        return (3 + 3 * self.dial_levels) * (self.history_keys + 1) if self.dial_span else 0
+
+    def dial_level(self, dial: torch.Tensor) -> torch.Tensor:
+        """Dial values -> (same shape) long ids of its reachable values: a whole number of presses (the level) from
+        the low end, the middle or the high end (the family), family * dial_levels + level."""
+        offsets = torch.tensor([0.0, self.dial_span / 2 % 1, self.dial_span % 1], device=dial.device)
+        d = dial[..., None] - offsets
+        family = (d - d.round()).abs().argmin(-1)
+        level = (dial - offsets[family]).round().long().clamp(0, self.dial_levels - 1)
+        return family * self.dial_levels + level
+
     def dial_features(self, all_keys: torch.Tensor, dial: torch.Tensor | None = None) -> torch.Tensor:
-        """The history head's dial inputs, the last 3 * (history_keys + 1) columns of history_input: the dial
+        """The history head's dial inputs, the last dial_columns columns of history_input: the dial
         after each of its keys, from `dial` before the oldest of key_window's (None: the reset value)."""
         start = (torch.full((len(all_keys),), self.dial_span / 2, device=all_keys.device) if dial is None
                  else dial.float().view(-1))
         turned = torch.stack(gd.turn_dial(start, self.dial_turns[all_keys], self.dial_span), 1)
         turned = turned[:, self.keys_seen - self.history_keys:]
-        return torch.cat([turned / self.dial_span, (turned <= 0).float(), (turned >= self.dial_span).float()], 1)
+        parts = [turned / self.dial_span, (turned <= 0).float(), (turned >= self.dial_span).float()]
+        if self.dial_levels:
+            parts.append(F.one_hot(self.dial_level(turned), 3 * self.dial_levels).flatten(1).float())
+        return torch.cat(parts, 1)
 
     @property
     def frames_seen(self) -> int:

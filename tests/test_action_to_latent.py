@@ -190,11 +190,23 @@ def test_history_head_reads_the_paddle_dial_after_each_of_its_keys(tmp_path):
         assert x[:, -7:].tolist() == [[0, 1, 1, 1, 1, 1, 0], [0] * 7]
         assert torch.equal(a2l(act, idx, past), a2l(act, idx, past, dial=torch.tensor([1.75, 1.75])))
         assert not torch.equal(a2l(act, idx, past), a2l(act, idx, past, dial=torch.tensor([0.0, 3.5])))
+    # with dial_levels, also which reachable value the dial is at, one-hot: a whole number of presses from the low
+    # end (family 0), the middle (1.75: family 1) or the high end (3.5: family 2), 4 levels each
+    levels = history_model(history_keys=6, dial=([0, 0, 1, -1], 3.5), dial_levels=True)
+    assert levels.hparams["dial_levels"] and levels.dial_columns == (3 + 12) * 7
+    assert levels.dial_level(torch.tensor([0.0, 2.0, 0.75, 1.75, 3.5, 2.5, 0.5])).tolist() == [0, 2, 4, 5, 11, 10, 8]
+    with torch.no_grad():
+        x = levels.history_input(levels.features(act, idx, past), summaries, act, past, torch.tensor([1.75, 0.0]))
+        ids = x[:, -12 * 7:].view(2, 7, 12).argmax(-1)
+        assert ids.tolist() == [[6, 11, 11, 11, 11, 11, 10], [0, 0, 0, 1, 1, 1, 1]]
+        assert torch.equal(x[:, -15 * 7:-12 * 7], a2l.history_input(f, summaries, act, past, torch.tensor([1.75, 0.0]))[:, -21:])
     path = tmp_path / "action_to_latent.safetensors"
     save_weights(path, a2l, {"kind": "action_to_latent", "game": "breakout", "hparams": a2l.hparams})
     wm_meta = {"game": "breakout", "hparams": {"num_tokens": 1, "codebook_size": 4, "event_places": [[1, 2], [3, 4]]}}
     loaded = load_action_to_latent(path, wm_meta)[0]
     assert loaded.dial == a2l.dial and torch.equal(loaded(act, idx, past), a2l(act, idx, past))
+    save_weights(path, levels, {"kind": "action_to_latent", "game": "breakout", "hparams": levels.hparams})
+    assert load_action_to_latent(path, wm_meta)[0].dial_levels == 4
     assert history_model(history_keys=6).dial is None
 
 
@@ -230,7 +242,8 @@ def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_mod
     _, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
     files = gd.split_episodes(tiny_data, "train")[:2]
     a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
-                         num_events=3, event_context=5, event_width=4, history_keys=6, dial=([0, 0, 1, -1], 2.5))
+                         num_events=3, event_context=5, event_width=4, history_keys=6, dial=([0, 0, 1, -1], 2.5),
+                         dial_levels=True)
     torch.nn.init.normal_(a2l.history_head[-1].weight)
     a2l.history_head[0].running_var.fill_(4.0)   # not the identity, so the eval-mode statistics are used
     train_only(a2l, "history_")
@@ -240,7 +253,8 @@ def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_mod
     inputs, base, codes, (keys, starts) = frozen_history_inputs(a2l, PairWindows(windows, pairs), "cpu")
     assert len(inputs) == len(base) == len(codes) == len(keys) == len(starts) == len(windows) and a2l.training
     # --dial_noise turns the dial again from the kept keys: without noise the same inputs, with it only the dial's
-    n_dial = 3 * 7
+    n_dial = a2l.dial_columns
+    assert n_dial == (3 + 3 * 3) * 7
     assert torch.equal(a2l.dial_features(keys, starts), inputs[:, -n_dial:])
     rows = {"input": inputs, "base": base, "codes": codes}
     calm = next(iter(CachedBatches(rows, 64, 0, (a2l, keys, starts, 0.0))))

@@ -183,6 +183,8 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     assert moved == {k for k in with_history.state_dict() if k.startswith("event_out")}
     assert phased.event_out[0].in_features == with_history.event_out[0].in_features + 2 * (3 * 4 + 1)
     assert with_history.frame_phases == 4   # on by default
+    out = run_script("train_action_to_latent.py", *mlp, "--eval-only")   # validates with each episode's phase
+    assert "event_ball_acc" in out.stdout
     bad = run_script("train_action_to_latent.py", *mlp, "--steps", 2, "--event-mlp-only", check=False)   # no --init_from
     assert bad.returncode == 2 and "--event_mlp_only" in bad.stderr.strip().splitlines()[-1]
     import atari_env
