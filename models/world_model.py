@@ -899,7 +899,7 @@ class ActionToLatent(nn.Module):
         """-> (B, history head's input): the trunk's features, the event head's readings of its last
         history_context frames (of summaries (B, event_context, 3 * event_width + 1)), the keys
         a_t-history_keys..a_t, one-hot, and (with a dial) the dial after each of them, as a fraction of its
-        range and whether it is at either end."""
+        range and whether it is at either end, and with dial_levels which of its reachable values (dial_features)."""
         all_keys = self.key_window(action, past_actions)
         keys = all_keys[:, self.keys_seen - self.history_keys:]
         parts = [features, summaries[:, summaries.shape[1] - self.history_context:].flatten(1),
