@@ -66,7 +66,8 @@ def noop_start(env: gym.Env, raw_frames: int) -> None:
         env.unwrapped.ale.act(0)
 
 
-_phase_replay_envs: dict = {}
+_agent_envs: dict = {}          # (game, noop_max) -> an agent env kept for replaying no-op starts
+_dqn_start_frames: dict = {}    # (game, noop_max, seed) -> the frame count after that env's seeded reset
 
 
 def recorded_frame_phase(meta: dict) -> int:
@@ -79,14 +80,14 @@ def recorded_frame_phase(meta: dict) -> int:
         return int(meta["start_frame"]) % FRAMESKIP
     if "noop_frames" in meta:
         return int(meta["noop_frames"]) % FRAMESKIP
-    key = (meta["game"], meta["env"]["noop_max"], meta["seed"])
-    if key not in _phase_replay_envs:   # a reset is ~0.1 s: once per episode and process
-        if key[:2] not in _phase_replay_envs:
-            _phase_replay_envs[key[:2]] = make_agent_env(*key[:2])
-        env = _phase_replay_envs[key[:2]]
-        env.reset(seed=key[2])
-        _phase_replay_envs[key] = env.unwrapped.ale.getEpisodeFrameNumber()
-    return _phase_replay_envs[key] % FRAMESKIP
+    game, noop_max, seed = meta["game"], meta["env"]["noop_max"], meta["seed"]
+    if (game, noop_max, seed) not in _dqn_start_frames:   # a reset is ~0.1 s: once per episode and process
+        if (game, noop_max) not in _agent_envs:
+            _agent_envs[game, noop_max] = make_agent_env(game, noop_max)
+        env = _agent_envs[game, noop_max]
+        env.reset(seed=seed)
+        _dqn_start_frames[game, noop_max, seed] = env.unwrapped.ale.getEpisodeFrameNumber()
+    return _dqn_start_frames[game, noop_max, seed] % FRAMESKIP
 
 
 def action_names(game: str = "breakout") -> list[str]:

@@ -165,7 +165,7 @@ class GameplayWindows(Dataset):
         if e in self._cache:
             self._cache.move_to_end(e)
             return self._cache[e]
-        ep = load_episode(self.files[e], keys=("frames", "actions", "meta"))
+        ep = load_episode(self.files[e], keys=("frames", "actions") + (("meta",) if self.frame_phase else ()))
         if self.frame_phase:
             import atari_env
             ep["frame_phase"] = atari_env.recorded_frame_phase(ep["meta"])

@@ -889,10 +889,8 @@ class ActionToLatent(nn.Module):
         if summaries is not None:
             parts += [summaries[..., :-1].flatten(1), summaries[..., -1]]
         if self.frame_phases:
-            one_hot = torch.zeros(len(features), self.frame_phases, device=features.device)
-            if phase is not None:
-                one_hot[torch.arange(len(features)), phase.long().view(-1).to(features.device)] = 1
-            parts.append(one_hot)
+            parts.append(torch.zeros(len(features), self.frame_phases, device=features.device) if phase is None else
+                         F.one_hot(phase.long().view(-1).to(features.device), self.frame_phases).float())
         return torch.cat(parts, 1)
 
     def history_input(self, features, summaries, action, past_actions=None, dial=None) -> torch.Tensor:
