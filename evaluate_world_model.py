@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     # latent_acc: action->latent prediction vs the encoder's latent on held-out transitions
     wm = env.world_model
     tok = whole = same = n = 0
-    generator = torch.Generator().manual_seed(cfg.seed)   # where a predicted serve goes is sampled, as in play
+    generator = torch.Generator().manual_seed(cfg.seed)   # for a model played at a temperature (sampled, as in play)
     with torch.inference_mode():
         for _ in range(max(1, cfg.latent_samples // 128)):
             picks = [(e, int(rng.integers(0, len(eps[e]["actions"])))) for e in rng.integers(0, len(eps), 128)]
@@ -244,7 +244,7 @@ def encoder_and_a2l_codes(env, eps, picks, generator=None):
     ctx_i = torch.from_numpy(pal.to_index(ctx)).to(env.device)
     nxt_i = torch.from_numpy(pal.to_index(nxt)).to(env.device)
     _, true, _ = env.world_model.encode(ctx_i, nxt_i)
-    pred, pred_ev = env.a2l.sample_step(act, ctx_i, generator=generator, past_actions=past, dial=dial, phase=phase)
+    pred, pred_ev = env.a2l.sample_step(act, ctx_i, env.temperature, generator, past, dial=dial, phase=phase)
     true_ev = env.world_model.transition_events(pal, ctx_i[:, -1], nxt_i) if env.world_model.num_events else None
     return ctx_i, true, pred, true_ev, pred_ev
 

@@ -32,7 +32,7 @@ class Config:
     fps: float = arg(15.0, "game steps per second (the real game runs at 15; 0 = as fast as possible)")
     side_by_side: bool = arg(False, "show the real emulator next to the dream, driven by the same keys")
     record: str = arg("", "write what the window shows to this MP4 (or GIF) file")
-    temperature: float = arg(-1.0, "latent sampling temperature (-1: the value stored with the weights, 0 = argmax)")
+    temperature: float = arg(-1.0, "latent and event sampling temperature (-1: the value stored with the weights, 0 = the likeliest)")
     seed: int = arg(0, "seed for the start frames")
     headless: bool = arg(False, "no display (SDL dummy driver); keys come from --script")
     script: str = arg("", "headless key script, one step per character: L, R, F, '.'")

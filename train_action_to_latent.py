@@ -144,7 +144,7 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     per_action = np.zeros((A, 2))
     colors = torch.as_tensor(palette.colors, device=device)
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy", "m_true_event")}
-    generator = torch.Generator().manual_seed(cfg.seed)   # the event's place is sampled (as at play time)
+    generator = torch.Generator().manual_seed(cfg.seed)   # unused at temperature 0 (argmax codes and events)
     events_seen = np.zeros(4, dtype=np.int64)   # real events, of them fired, of them at the right place; false alarms
     ball_ok = ball_n = 0   # the event head's per-frame "ball on screen" vs the object detector
     for b in range(0, len(pick), 128):

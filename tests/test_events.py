@@ -1,5 +1,5 @@
 """World-model events (README stage 3, "the serve"): the game's random serve place, labelled from the
-frames, read by the decoder, predicted (whether) and sampled (where) by the action->latent model."""
+frames, read by the decoder, predicted (whether and where) by the action->latent model."""
 import json
 
 import numpy as np
@@ -59,23 +59,28 @@ def test_event_zero_decodes_as_no_event_and_a_trained_event_changes_the_frame(tm
     assert loaded.event_places == [[124, 76], [125, 19]] and torch.equal(loaded.event_embed.weight, m.event_embed.weight)
 
 
-def test_event_sampling_follows_the_odds_and_ignores_unlikely_events():
+def test_events_are_the_likeliest_by_default_and_sampled_at_a_temperature():
     torch.manual_seed(0)
     a2l = ActionToLatent("v1", 4, 6, 2, 1, 4, num_events=4).eval()
     act = torch.zeros(400, dtype=torch.long)
     g = torch.Generator().manual_seed(0)
 
-    def events_with(bias):
+    def events_with(bias, temperature=1.0):
         with torch.no_grad():
             a2l.event_out[-1].weight.zero_()
             a2l.event_out[-1].bias.copy_(torch.tensor(bias))
-        return a2l.sample_step(act, generator=g)[1]
+        return a2l.sample_step(act, temperature=temperature, generator=g)[1]
 
+    # at a temperature: drawn from the odds, "some event" below EVENT_FLOOR read as none
     assert (events_with([4.0, 0.0, 0.0, -20.0]) == 0).all()          # p(some event) ~ 0.035 < EVENT_FLOOR: none
     events = events_with([-20.0, 1.0, 1.0, -20.0])                    # surely a serve, at place 1 or 2 alike
     assert set(events.tolist()) == {1, 2} and 150 < (events == 1).sum() < 250
     events = events_with([0.0, 0.0, -20.0, -20.0])                    # a serve half of the time, always at 1
     assert set(events.tolist()) == {0, 1} and 150 < (events == 1).sum() < 250
+    # at temperature 0 (the default): an event where its odds reach one half, at its likeliest place, even
+    # when no single place beats "none"
+    assert (events_with([0.5, 0.0, -20.0, -20.0], 0.0) == 0).all()      # p(none) 0.62
+    assert (events_with([0.6, 0.1, 0.0, 0.2], 0.0) == 3).all()          # p(none) 0.33, place 3 the likeliest
     codes, _ = a2l.sample_step(act, generator=g)
     assert torch.equal(codes, a2l.sample(act))
 
