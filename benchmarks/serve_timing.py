@@ -26,7 +26,7 @@ import atari_env  # noqa: E402
 import gameplay_data as gd  # noqa: E402
 import metrics  # noqa: E402
 from evaluate_world_model import EmulatorReplay  # noqa: E402
-from models.world_model import EVENT_FLOOR  # noqa: E402
+from models.world_model import EVENT_FLOOR, EVENT_LIKELY  # noqa: E402
 
 FIRE = 1
 
@@ -109,11 +109,11 @@ def main() -> None:
     if env.a2l.num_events:
         odds = event_odds(env, files[: args.odds_episodes])
         print(f"event odds on every transition of {min(args.odds_episodes, len(files))} held-out episodes (p of some event;"
-              f" play at temperature 0 draws one where p >= 0.5, at a temperature one with odds p where p >= {EVENT_FLOOR}):")
+              f" play at temperature 0 draws one where p >= {EVENT_LIKELY}, at a temperature one with odds p where p >= {EVENT_FLOOR}):")
         for kind, p_ in odds.items():
             print(f"  {kind}: {len(p_)} transitions, p at 10/50/90 %: "
                   + " / ".join(f"{q:.3f}" for q in np.percentile(p_, [10, 50, 90]))
-                  + f", events at temperature 0: {(p_ >= 0.5).sum()}, expected at a temperature "
+                  + f", events at temperature 0: {(p_ >= EVENT_LIKELY).sum()}, expected at a temperature "
                   f"{np.where(p_ >= EVENT_FLOOR, p_, 0).sum():.1f}")
     real_n, dream_n, mismatched = [], [], 0
     for f in files:

@@ -742,6 +742,7 @@ class LatentActionModel(nn.Module):
 
 
 EVENT_FLOOR = 0.05   # ActionToLatent.sample_step: odds of an event below this are read as none
+EVENT_LIKELY = 0.5   # ActionToLatent.sample_step at temperature 0: an event where its odds reach this
 
 
 class ActionToLatent(nn.Module):
@@ -1022,7 +1023,7 @@ class ActionToLatent(nn.Module):
             return codes, None
         p = torch.softmax(event_logits.float().cpu(), -1)
         if temperature <= 0:
-            events = torch.where(p[:, 0] < 0.5, p[:, 1:].argmax(-1) + 1, 0)
+            events = torch.where(p[:, 0] < 1 - EVENT_LIKELY, p[:, 1:].argmax(-1) + 1, 0)
             return codes, events.to(logits.device)
         p[p[:, 0] > 1 - EVENT_FLOOR] = torch.eye(p.shape[1])[0]
         return codes, torch.multinomial(p, 1, generator=generator)[:, 0].to(logits.device)
