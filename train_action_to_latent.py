@@ -71,7 +71,8 @@ class Config:
                                  "head's oldest key): a dream's paddle can drift from where the keys put the dial, "
                                  "which recordings never show, so the head learns to weigh the frames too")
     history_only: bool = arg(False, "train only the history head of an --init_from model, on the frozen parts' "
-                                    "features computed once per transition (minutes); events stay those of --init_from")
+                                    "features computed once per transition (minutes); events stay those of --init_from, "
+                                    "unless --event_mlp_only trains the event MLP in the same run")
     frame_phase: bool = arg(True, "the event head also reads the episode's frame phase (where the emulator's frame "
                                   "counter started, atari_env.recorded_frame_phase): Breakout picks the serve's place "
                                   "by that counter (README stage 5, session 36)")
@@ -79,7 +80,8 @@ class Config:
                                   "all): a longer --event_context then keeps a trained history head's inputs")
     event_mlp_only: bool = arg(False, "train only the event head's MLP of an --init_from model, on the frozen frame "
                                       "readings computed once per transition (minutes; the history head reads the "
-                                      "same readings, so they stay); codes stay those of --init_from")
+                                      "same readings, so they stay); codes stay those of --init_from, unless with "
+                                      "--history_only: both heads from one pass over the frames, as two runs would")
     past_actions: int = arg(4, "v2 also sees this many actions before a_t (a press moves the paddle over two steps, "
                                  "and it leaves the right wall only after 2-3 LEFT presses: README stage 5)")
     # on: the paddle's step under a key depends on its absolute column, which a translation-equivariant
@@ -211,9 +213,9 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
 
 class CachedBatches:
     """--history_only's and --event_mlp_only's batches: shuffled rows of the frozen inputs' tensors (a dict of
-    equally long tensors, "input" among them), one pass per iteration. With `dial` (the model, its key windows,
-    its dial starts, --dial_noise), that fraction of each batch's rows gets its dial inputs turned again from a
-    random start; with `focus` (a row mask, --event_focus), that fraction of each batch is drawn again from the
+    equally long tensors), one pass per iteration. With `dial` (the model, its key windows,
+    its dial starts, --dial_noise), that fraction of each batch's rows gets its dial inputs (the last columns of
+    the history head's "input") turned again from a random start; with `focus` (a row mask, --event_focus), that fraction of each batch is drawn again from the
     masked rows, as the frame-reading training's sampler does."""
 
     def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, dial: tuple | None = None,
@@ -223,7 +225,7 @@ class CachedBatches:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
-        order = torch.randperm(len(self.rows["input"]), generator=self.generator)
+        order = torch.randperm(len(next(iter(self.rows.values()))), generator=self.generator)
         for b in range(0, len(order) - self.batch_size + 1, self.batch_size):
             i = order[b:b + self.batch_size]
             if self.focus is not None:
@@ -290,40 +292,64 @@ def frozen_steps(a2l: ActionToLatent, windows: PairWindows, device, batch: int =
             yield e, ep, t, act, past, f, gd.history(summaries, t, a2l.event_context)
 
 
-@torch.no_grad()
-def frozen_history_inputs(a2l: ActionToLatent, windows: PairWindows, device):
-    """--history_only: for every transition of `windows`, (the history head's input, the frozen trunk's code
-    logits, the encoder's codes), computed once: everything but the head is frozen, so a step of its training
-    is then a small MLP's instead of two frame encoders' (test_history_only_training_inputs_...)."""
-    a2l.eval()
-    xs, base, codes, keys, starts = [], [], [], [], []
-    for e, ep, t, act, past, f, window in frozen_steps(a2l, windows, device):
-        dials = torch.from_numpy(gd.dial_before(ep["dials"], t, a2l.keys_seen)).to(device) if a2l.dial_span else None
-        xs.append(a2l.history_input(f, window, act, past, dials).cpu())
-        base.append(a2l.out(f).cpu())
-        codes.append(torch.as_tensor(windows.pairs[windows.w.files[e].stem]["codes"][t]).long())
-        if dials is not None:
-            keys.append(a2l.key_window(act, past).cpu())
-            starts.append(dials.cpu())
-    a2l.train()
-    dial = (torch.cat(keys), torch.cat(starts)) if keys else None
-    return torch.cat(xs), torch.cat(base), torch.cat(codes), dial
+class FrozenRows:
+    """Tensors with one row per transition, filled a batch at a time: each is allocated whole at its first
+    batch (its length known up front), so caching never holds a second copy (a list, then its torch.cat: twice
+    the memory, 14.6 GB for the history head's rows of 4,866 episodes in session 39)."""
+
+    def __init__(self, n: int):
+        self.n, self.rows, self.at = n, {}, {}
+
+    def put(self, name: str, values: torch.Tensor) -> None:
+        if name not in self.rows:
+            self.rows[name], self.at[name] = torch.empty((self.n, *values.shape[1:]), dtype=values.dtype), 0
+        a = self.at[name]
+        self.rows[name][a:a + len(values)] = values.cpu()
+        self.at[name] = a + len(values)
 
 
 @torch.no_grad()
-def frozen_event_inputs(a2l: ActionToLatent, windows: PairWindows, wm, palette, fire: int, device):
-    """--event_mlp_only: for every transition of `windows`, (the event MLP's input, the real event, whether it is
-    FIRE with no ball on screen: --event_focus's rows), computed once (test_event_mlp_only_training_inputs_...)."""
+def frozen_inputs(a2l: ActionToLatent, windows: PairWindows, device, history: bool = True, events: tuple | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """--history_only and/or --event_mlp_only: for every transition of `windows`, what the frozen parts give the
+    head(s) being trained, computed once, in one pass over the frames for both: everything but the head is frozen,
+    so a step of its training is then a small MLP's instead of two frame encoders'. With `history`: "input" (the
+    history head's input), "base" (the frozen trunk's code logits), "codes" (the encoder's), and for a model with a
+    dial its "keys" windows and dial "starts" (--dial_noise turns them again). With `events` = (world model,
+    palette, FIRE's index): "event_input" (the event MLP's), "events" (the real ones) and "fire" (FIRE with no ball
+    on screen: --event_focus's rows). (test_history_only_training_inputs_..., test_event_mlp_only_training_inputs_...)"""
     a2l.eval()
-    xs, events, focus = [], [], []
+    rows = FrozenRows(len(windows))
     for e, ep, t, act, past, f, window in frozen_steps(a2l, windows, device):
-        phase = torch.full((len(t),), ep["frame_phase"], device=device) if a2l.frame_phases else None
-        xs.append(a2l.event_input(f, window, phase).cpu())
-        frames = torch.from_numpy(ep["frames"])
-        events.append(wm.transition_events(palette, frames[t].to(device), frames[t + 1].to(device)).cpu())
-        focus.append((act.cpu() == fire) & ~wm_metrics.ball_visible(frames[t], palette.colors))
+        if history:
+            dials = torch.from_numpy(gd.dial_before(ep["dials"], t, a2l.keys_seen)).to(device) if a2l.dial_span else None
+            rows.put("input", a2l.history_input(f, window, act, past, dials))
+            rows.put("base", a2l.out(f))
+            rows.put("codes", torch.as_tensor(windows.pairs[windows.w.files[e].stem]["codes"][t]).long())
+            if dials is not None:
+                rows.put("keys", a2l.key_window(act, past))
+                rows.put("starts", dials)
+        if events is not None:
+            wm, palette, fire = events
+            phase = torch.full((len(t),), ep["frame_phase"], device=device) if a2l.frame_phases else None
+            rows.put("event_input", a2l.event_input(f, window, phase))
+            frames = torch.from_numpy(ep["frames"])
+            rows.put("events", wm.transition_events(palette, frames[t].to(device), frames[t + 1].to(device)))
+            rows.put("fire", (act.cpu() == fire) & ~wm_metrics.ball_visible(frames[t], palette.colors))
     a2l.train()
-    return torch.cat(xs), torch.cat(events), torch.cat(focus)
+    return rows.rows
+
+
+class JointBatches:
+    """--history_only with --event_mlp_only: each head's batches from its own CachedBatches, side by side. The heads
+    share no weights and each loader keeps its own generator, so one run trains both exactly as two runs would."""
+
+    def __init__(self, *loaders: CachedBatches):
+        self.loaders = loaders
+
+    def __iter__(self):
+        for batches in zip(*self.loaders):
+            yield {k: v for b in batches for k, v in b.items()}
 
 
 def plot_confusion(conf: np.ndarray, path: Path, model: str) -> None:
@@ -416,9 +442,9 @@ def main(argv=None) -> None:
     if cfg.history_only and (cfg.events_only or not (cfg.init_from and cfg.history_keys)):
         raise UserError("--history_only trains the history head (--history_keys > 0) of an --init_from model, "
                         "without --events_only")
-    if cfg.event_mlp_only and (cfg.events_only or cfg.history_only or not (cfg.init_from and cfg.event_context)):
+    if cfg.event_mlp_only and (cfg.events_only or not (cfg.init_from and cfg.event_context)):
         raise UserError("--event_mlp_only trains the event MLP (--event_context > 0) of an --init_from model, "
-                        "without --events_only or --history_only")
+                        "without --events_only (with --history_only: both heads, from one pass over the frames)")
     if cfg.history_context < 0:
         raise UserError(f"--history_context must be >= 0, got {cfg.history_context}")
     a2l = ActionToLatent(cfg.model, len(names), len(palette), a2l_context, wm.num_tokens, wm.codebook_size, cfg.width,
@@ -435,10 +461,8 @@ def main(argv=None) -> None:
         if not (cfg.init_from and a2l.num_events):
             raise UserError("--events_only trains the event head of an --init_from model, for a world model with events")
         train_only(a2l, "event_")
-    if cfg.history_only:
-        train_only(a2l, "history_")
-    if cfg.event_mlp_only:
-        train_only(a2l, "event_out")
+    if cfg.history_only or cfg.event_mlp_only:
+        train_only(a2l, ("history_",) * cfg.history_only + ("event_out",) * cfg.event_mlp_only)
     k = max(a2l.frames_seen, wm.context)   # the windows' history: each model reads its last frames of it
     n_keys = a2l.keys_seen
     phases = a2l.frame_phases > 0
@@ -464,14 +488,17 @@ def main(argv=None) -> None:
         return (ep["actions"] == fire) & ~wm_metrics.ball_visible(frames, palette.colors).numpy()
 
     focus = fire_without_ball if cfg.event_focus and a2l.num_events else None
-    if cfg.history_only:   # after --resume has loaded the frozen parts
-        inputs, base, codes, dial = frozen_history_inputs(a2l, train, device)
-        loader = CachedBatches({"input": inputs, "base": base, "codes": codes}, cfg.batch_size, cfg.seed,
-                               (a2l, *dial, cfg.dial_noise) if dial is not None and cfg.dial_noise else None)
-    elif cfg.event_mlp_only:
-        inputs, events, fire_rows = frozen_event_inputs(a2l, train, wm, palette, fire, device)
-        loader = CachedBatches({"input": inputs, "events": events}, cfg.batch_size, cfg.seed,
-                               focus=(fire_rows, cfg.event_focus))
+    if cfg.history_only or cfg.event_mlp_only:   # after --resume has loaded the frozen parts
+        rows = frozen_inputs(a2l, train, device, history=cfg.history_only,
+                             events=(wm, palette, fire) if cfg.event_mlp_only else None)
+        loaders = []
+        if cfg.history_only:
+            dial = (a2l, rows["keys"], rows["starts"], cfg.dial_noise) if "keys" in rows and cfg.dial_noise else None
+            loaders.append(CachedBatches({k: rows[k] for k in ("input", "base", "codes")}, cfg.batch_size, cfg.seed, dial))
+        if cfg.event_mlp_only:
+            loaders.append(CachedBatches({k: rows[k] for k in ("event_input", "events")}, cfg.batch_size, cfg.seed,
+                                         focus=(rows["fire"], cfg.event_focus)))
+        loader = JointBatches(*loaders) if len(loaders) > 1 else loaders[0]
     else:
         sampler = gd.EpisodeGroupSampler(train.w, group=max(1, cfg.cache_episodes // 2), seed=cfg.seed, focus=focus,
                                          focus_fraction=cfg.event_focus)
@@ -495,13 +522,14 @@ def main(argv=None) -> None:
             for items in loader:
                 loss = 0
                 logits = event_logits = ball_cells = None
-                if cfg.event_mlp_only:   # the frozen model's inputs -> the event MLP's odds; codes untouched
-                    event_logits = a2l.event_out(items["input"].to(device))
-                    events = items["events"].to(device)
-                elif cfg.history_only:   # the frozen trunk's logits + the history head's
-                    codes = items["codes"].to(device)
-                    logits = (items["base"].to(device) + a2l.history_head(items["input"].to(device))).view(
-                        len(codes), wm.num_tokens, wm.codebook_size)
+                if cfg.history_only or cfg.event_mlp_only:
+                    if cfg.history_only:   # the frozen trunk's logits + the history head's
+                        codes = items["codes"].to(device)
+                        logits = (items["base"].to(device) + a2l.history_head(items["input"].to(device))).view(
+                            len(codes), wm.num_tokens, wm.codebook_size)
+                    if cfg.event_mlp_only:   # the frozen model's inputs -> the event MLP's odds
+                        event_logits = a2l.event_out(items["event_input"].to(device))
+                        events = items["events"].to(device)
                 else:
                     codes = items["codes"].to(device)
                     ctx, act = items["context"].to(device), items["action"].to(device)

@@ -238,7 +238,7 @@ def test_starting_from_a_model_with_a_history_head_keeps_it_or_says_how(tmp_path
 def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_models):
     """The cached inputs --history_only trains on give the same code logits as the model itself, on every
     transition, the first steps of an episode (repeated frames, NOOP keys) included."""
-    from train_action_to_latent import CachedBatches, PairWindows, frozen_history_inputs, train_only
+    from train_action_to_latent import CachedBatches, PairWindows, frozen_inputs, train_only
     _, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
     files = gd.split_episodes(tiny_data, "train")[:2]
     a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
@@ -250,8 +250,10 @@ def test_history_only_training_inputs_are_those_of_the_model(tiny_data, tiny_mod
     assert all(n.startswith("history_") for n, p in a2l.named_parameters() if p.requires_grad)
     windows = gd.GameplayWindows(files, 5, 2, palette.to_index, a2l.keys_seen, a2l.dial)
     pairs = {f.stem: {"codes": np.zeros((len(windows.episode(e)["actions"]), 1), np.int16)} for e, f in enumerate(files)}
-    inputs, base, codes, (keys, starts) = frozen_history_inputs(a2l, PairWindows(windows, pairs), "cpu")
-    assert len(inputs) == len(base) == len(codes) == len(keys) == len(starts) == len(windows) and a2l.training
+    rows = frozen_inputs(a2l, PairWindows(windows, pairs), "cpu")
+    assert set(rows) == {"input", "base", "codes", "keys", "starts"} and a2l.training
+    inputs, base, codes, keys, starts = (rows[k] for k in ("input", "base", "codes", "keys", "starts"))
+    assert len(inputs) == len(base) == len(codes) == len(keys) == len(starts) == len(windows)
     # --dial_noise turns the dial again from the kept keys: without noise the same inputs, with it only the dial's
     n_dial = a2l.dial_columns
     assert n_dial == (3 + 3 * 3) * 7
@@ -278,7 +280,7 @@ def test_event_mlp_only_training_inputs_are_those_of_the_model(tiny_data, tiny_m
     """The cached inputs --event_mlp_only trains on give the same event odds as the model itself, which reads the
     episode's frame phase; their labels are the real events and the focus rows FIRE with no ball on screen. The
     event head reads more frames than the history head (history_context), whose inputs stay those of 5 frames."""
-    from train_action_to_latent import CachedBatches, PairWindows, frozen_event_inputs, train_only
+    from train_action_to_latent import CachedBatches, PairWindows, frozen_inputs, train_only
     wm, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
     files = gd.split_episodes(tiny_data, "train")[:2]
     a2l = ActionToLatent("v2", 4, len(palette), 2, 1, 4, width=8, depth=1, past_actions=2, positional=True,
@@ -292,7 +294,11 @@ def test_event_mlp_only_training_inputs_are_those_of_the_model(tiny_data, tiny_m
     assert {n.split(".")[0] for n, p in a2l.named_parameters() if p.requires_grad} == {"event_out"}
     windows = gd.GameplayWindows(files, 7, 2, palette.to_index, a2l.keys_seen, frame_phase=True)
     pairs = {f.stem: {"codes": np.zeros((len(windows.episode(e)["actions"]), 1), np.int16)} for e, f in enumerate(files)}
-    inputs, events, fire_rows = frozen_event_inputs(a2l, PairWindows(windows, pairs), wm, palette, 1, "cpu")
+    both = frozen_inputs(a2l, PairWindows(windows, pairs), "cpu", events=(wm, palette, 1))   # one pass, both heads'
+    rows = frozen_inputs(a2l, PairWindows(windows, pairs), "cpu", history=False, events=(wm, palette, 1))
+    assert set(rows) == {"event_input", "events", "fire"} and all(torch.equal(v, both[k]) for k, v in rows.items())
+    assert torch.equal(both["input"], frozen_inputs(a2l, PairWindows(windows, pairs), "cpu")["input"])
+    inputs, events, fire_rows = rows["event_input"], rows["events"], rows["fire"]
     assert len(inputs) == len(events) == len(fire_rows) == len(windows) and a2l.training
     focused = next(iter(CachedBatches({"input": inputs, "events": events, "fire": fire_rows}, 64, 0,
                                       focus=(fire_rows, 0.5))))

@@ -188,6 +188,16 @@ def test_events_train_end_to_end_and_play(tiny_data, tiny_models, tmp_path):
     assert moved == {k for k in with_history.state_dict() if k.startswith("event_out")}
     assert phased.event_out[0].in_features == with_history.event_out[0].in_features + 2 * (3 * 4 + 1)
     assert with_history.frame_phases == 4   # on by default
+    # both heads from one pass over the frames (--history_only --event_mlp_only): the same weights as two runs
+    for name, only in (("h", ["--history-only"]), ("e", ["--event-mlp-only"]), ("he", ["--history-only", "--event-mlp-only"])):
+        run_script("train_action_to_latent.py", *mlp[:4], "--out-dir", tmp_path / name, *mlp[6:], "--steps", 3, *only,
+                   "--init-from", tmp_path / "mlp" / "action_to_latent.safetensors")
+    h, e, he = (load_action_to_latent(tmp_path / name / "action_to_latent.safetensors", meta)[0].state_dict()
+                for name in ("h", "e", "he"))
+    for k, v in he.items():
+        assert torch.equal(v, (h if k.startswith("history_") else e)[k]), k
+    assert not torch.equal(he["history_head.5.weight"], phased.state_dict()["history_head.5.weight"])
+    assert not torch.equal(he["event_out.2.weight"], phased.state_dict()["event_out.2.weight"])
     out = run_script("train_action_to_latent.py", *mlp, "--eval-only")   # validates with each episode's phase
     assert "event_ball_acc" in out.stdout
     bad = run_script("train_action_to_latent.py", *mlp, "--steps", 2, "--event-mlp-only", check=False)   # no --init_from
