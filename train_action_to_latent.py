@@ -213,10 +213,10 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
 
 class CachedBatches:
     """--history_only's and --event_mlp_only's batches: shuffled rows of the frozen inputs' tensors (a dict of
-    equally long tensors), one pass per iteration. With `dial` (the model, its key windows,
-    its dial starts, --dial_noise), that fraction of each batch's rows gets its dial inputs (the last columns of
-    the history head's "input") turned again from a random start; with `focus` (a row mask, --event_focus), that fraction of each batch is drawn again from the
-    masked rows, as the frame-reading training's sampler does."""
+    equally long tensors), one pass per iteration. With `dial` (the model, its key windows, its dial starts,
+    --dial_noise), that fraction of each batch's rows gets its dial inputs (the last columns of the history head's
+    "input") turned again from a random start; with `focus` (a row mask, --event_focus), that fraction of each batch
+    is drawn again from the masked rows, as the frame-reading training's sampler does."""
 
     def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, dial: tuple | None = None,
                  focus: tuple[torch.Tensor, float] | None = None):
@@ -267,7 +267,7 @@ def start_from(a2l: ActionToLatent, path: str, wm_meta: dict) -> None:
     print(f"started from {path}: {len(fits)} tensors, {len(own) - len(fits)} new (event or history head)")
 
 
-def train_only(a2l: ActionToLatent, prefix: str) -> None:
+def train_only(a2l: ActionToLatent, prefix: str | tuple[str, ...]) -> None:
     """--events_only / --history_only / --event_mlp_only: freeze all but that head (part). The event head's fixed colour codes
     (FrameEmbed) stay fixed: their backward over 8 frames a window cost 1.5 s a step (session 16's head-only
     runs paid it)."""
