@@ -33,6 +33,19 @@ class PSNRAccumulator:
         return psnr_from_mse(self.sq / self.n) if self.n else float("nan")
 
 
+def psnr_gap_interval(se_ref, se_test, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Is a PSNR gap more than chance? se_ref, se_test: summed squared errors of two predictions over the same
+    pixels, one value per group (a held-out episode: transitions of one episode are not independent draws).
+    -> (gap, low, high): PSNR(ref) - PSNR(test) in dB over all groups (positive: test is behind), and the
+    `level` interval of a paired bootstrap over groups (the same resampled groups for both, as
+    benchmarks/compare_evaluations.py does for open-loop starts)."""
+    ref, test = np.asarray(se_ref, dtype=np.float64), np.asarray(se_test, dtype=np.float64)
+    gap = lambda r, t: 10 * np.log10(np.maximum(t, 1e-10) / np.maximum(r, 1e-10))
+    idx = np.random.default_rng(seed).integers(0, len(ref), (resamples, len(ref)))
+    low, high = np.percentile(gap(ref[idx].sum(1), test[idx].sum(1)), [50 * (1 - level), 50 * (1 + level)])
+    return float(gap(ref.sum(), test.sum())), float(low), float(high)
+
+
 def motion_mask(frame_t: torch.Tensor, frame_t1: torch.Tensor, dilate: int = 2) -> torch.Tensor:
     """Pixels that differ between t and t+1 (any channel), dilated by `dilate` px: (B, H, W) float."""
     diff = (frame_t != frame_t1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,10 @@ def phase_of(items: list[dict], device, a2l: ActionToLatent) -> torch.Tensor | N
 
 
 @torch.no_grad()
-def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, device, names, out_dir: Path) -> dict:
+def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, device, names, out_dir: Path,
+             per_episode: dict | None = None) -> dict:
+    """Held-out metrics on cfg.val_samples transitions spread over val; `per_episode` (a dict), when given, gets
+    each episode's motion squared error with the encoder's and the predicted latents (episode file name -> [enc, pred])."""
     a2l.eval()
     pick = np.linspace(0, len(val) - 1, min(cfg.val_samples, len(val))).astype(int)
     K, A = a2l.codebook_size, len(names)
@@ -148,8 +152,11 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
     acc = {k: wm_metrics.PSNRAccumulator() for k in ("pred", "enc", "copy", "m_pred", "m_enc", "m_copy", "m_true_event")}
     events_seen = np.zeros(4, dtype=np.int64)   # real events, of them fired, of them at the right place; false alarms
     ball_ok = ball_n = 0   # the event head's per-frame "ball on screen" vs the object detector
+    episode_se = defaultdict(lambda: np.zeros(2))   # per held-out episode: motion squared error, encoder's / predicted
+    bar = tqdm(total=len(pick), desc="held-out validation", unit="transition", leave=False)
     for b in range(0, len(pick), 128):
         items = [val[i] for i in pick[b:b + 128]]
+        bar.update(len(items))
         ctx = torch.stack([it["context"] for it in items]).to(device)
         nxt = torch.stack([it["next"] for it in items]).to(device)
         act = torch.tensor([it["action"] for it in items], device=device)
@@ -181,23 +188,34 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         real = colors[nxt.long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
         frames = {}
-        for key, codes, events in (("pred", pred, pred_events), ("enc", true, true_events)):
+        for col, (key, codes, events) in enumerate((("enc", true, true_events), ("pred", pred, pred_events))):
             frames[key] = wm.predict_next(ctx, codes, events)
             out = colors[frames[key].long()]
             acc[key].add(out, real)
             acc["m_" + key].add(out, real, mask)
+            se = ((out.float() - real.float()).pow(2) * mask[..., None]).flatten(1).sum(1).cpu().numpy()
+            for it, e in zip(items, se):
+                episode_se[it["episode"]][col] += e
         # codes can be redundant (two codes, one frame): what counts is the frame the decoder draws
         frame_ok += (frames["pred"] == frames["enc"]).flatten(1).all(1).sum().item()
         if pred_events is not None:   # the predicted codes with the real event: the codes' share of the gap
             acc["m_true_event"].add(colors[wm.predict_next(ctx, pred, true_events).long()], real, mask)
         acc["copy"].add(colors[ctx[:, -1].long()], real)
         acc["m_copy"].add(colors[ctx[:, -1].long()], real, mask)
+    bar.close()
     plot_confusion(conf, out_dir / "action_to_latent_confusion.png", cfg.model)
     a2l.train()
     res = {"token_acc": tok_ok / (n * a2l.num_tokens), "latent_acc": whole_ok / n, "latent_frame_match": frame_ok / n,
            "psnr@1_predicted_latent": acc["pred"].psnr, "psnr@1_encoder_latent": acc["enc"].psnr,
            "copy_last_psnr@1": acc["copy"].psnr, "motion_psnr@1_predicted_latent": acc["m_pred"].psnr,
            "motion_psnr@1_encoder_latent": acc["m_enc"].psnr, "copy_last_motion_psnr@1": acc["m_copy"].psnr}
+    # "no gap" can only be judged against chance: the gap with a paired bootstrap interval over held-out episodes
+    se = np.array(list(episode_se.values()))
+    res["motion_psnr@1_gap"], res["motion_psnr@1_gap_low"], res["motion_psnr@1_gap_high"] = \
+        wm_metrics.psnr_gap_interval(se[:, 0], se[:, 1])
+    res["val_episodes"] = len(se)
+    if per_episode is not None:
+        per_episode.update({val.w.files[e].stem: v.tolist() for e, v in episode_se.items()})
     if a2l.num_events:   # the codes' share of the gap, apart from the event's (its place: README stage 5)
         res["motion_psnr@1_predicted_latent_true_event"] = acc["m_true_event"].psnr
     if a2l.num_events and events_seen[0]:
@@ -381,9 +399,11 @@ def validate_saved(cfg: Config, out_dir: Path, wm, palette, wm_meta: dict, pairs
     cfg = dataclasses.replace(cfg, model=a2l.version)
     val = PairWindows(gd.GameplayWindows(val_files, max(a2l.frames_seen, wm.context), max(4, len(val_files)),
                                          palette.to_index, a2l.keys_seen, a2l.dial, a2l.frame_phases > 0), pairs)
-    result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only")
+    per_episode = {}
+    result = validate(a2l, wm, palette, val, cfg, device, names, out_dir / "train" / "action_to_latent_eval_only",
+                      per_episode)
     result.update(step=meta.get("step"), world_model_step=wm_meta.get("step"), device=str(device))
-    save_json(out_dir / "action_to_latent_eval_only.json", result)
+    save_json(out_dir / "action_to_latent_eval_only.json", {**result, "per_episode_motion_se": per_episode})
     print("\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
     print(f"confusion matrix: {out_dir / 'train' / 'action_to_latent_eval_only' / 'action_to_latent_confusion.png'}")
 
@@ -571,6 +591,8 @@ def main(argv=None) -> None:
                                f"{last_val['motion_psnr@1_encoder_latent']:.2f} / copy-last {last_val['copy_last_motion_psnr@1']:.2f}"
                                + (f" / predicted codes, real event {last_val['motion_psnr@1_predicted_latent_true_event']:.2f}"
                                   if a2l.num_events else "")
+                               + f"; gap {last_val['motion_psnr@1_gap']:+.3f} dB, 95% [{last_val['motion_psnr@1_gap_low']:+.3f}, "
+                               f"{last_val['motion_psnr@1_gap_high']:+.3f}] over {last_val['val_episodes']} episodes"
                                + (f"; serves: {last_val['event_recall']:.3f} foreseen, {last_val['event_place_acc']:.3f} at "
                                   f"the right place, false alarms {last_val['event_false_alarm']:.4f}" if "event_recall" in last_val else ""))
                     checkpoint()

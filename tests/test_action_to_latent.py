@@ -15,7 +15,8 @@ from models.world_model import ActionToLatent, load_action_to_latent, load_world
 def test_v2_reports_accuracy_and_psnr_on_held_out_episodes(tiny_models):
     report = json.loads((tiny_models / "action_to_latent_v2_metrics.json").read_text())
     for key in ("token_acc", "latent_acc", "psnr@1_predicted_latent", "psnr@1_encoder_latent",
-                "copy_last_psnr@1", "motion_psnr@1_predicted_latent", "motion_psnr@1_encoder_latent"):
+                "copy_last_psnr@1", "motion_psnr@1_predicted_latent", "motion_psnr@1_encoder_latent",
+                "motion_psnr@1_gap", "motion_psnr@1_gap_low", "motion_psnr@1_gap_high"):
         assert np.isfinite(report[key])
     assert 0 <= report["latent_acc"] <= 1
     # the same code always draws the same frame, so frame agreement can only add to exact-code agreement
@@ -52,6 +53,32 @@ def test_eval_only_revalidates_the_saved_weights(tiny_data, tiny_models, tmp_pat
         assert again[key] == pytest.approx(trained[key]), key
     assert again["step"] == trained["step"] and not (tmp_path / "train" / "action_to_latent.pt").exists()
     assert (tmp_path / "train" / "action_to_latent_eval_only" / "action_to_latent_confusion.png").exists()
+    # the gap is the two motion PSNRs' difference, and the per-episode errors it is bootstrapped from add up to it
+    gap = again["motion_psnr@1_encoder_latent"] - again["motion_psnr@1_predicted_latent"]
+    assert again["motion_psnr@1_gap"] == pytest.approx(gap, abs=1e-6)
+    assert again["motion_psnr@1_gap_low"] <= again["motion_psnr@1_gap"] <= again["motion_psnr@1_gap_high"]
+    per_episode = np.array(list(again["per_episode_motion_se"].values()))
+    assert set(again["per_episode_motion_se"]) == {f.stem for f in gd.split_episodes(tiny_data, "val")}
+    assert again["val_episodes"] == len(per_episode)
+    assert 10 * np.log10(per_episode[:, 1].sum() / per_episode[:, 0].sum()) == pytest.approx(gap, abs=1e-6)
+
+
+def test_gap_interval_is_a_paired_bootstrap_over_episodes():
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(1e3, 1e4, 200)
+    assert metrics.psnr_gap_interval(ref, ref) == (0.0, 0.0, 0.0)
+    # twice the error in every episode: 3.01 dB, whichever episodes a resample draws
+    gap, low, high = metrics.psnr_gap_interval(ref, 2 * ref)
+    assert gap == pytest.approx(10 * np.log10(2)) and low == pytest.approx(gap) and high == pytest.approx(gap)
+    # the gap is that of the pooled errors (PSNR of the summed squared error over the same pixels)
+    test = ref * rng.uniform(0.5, 1.6, 200)
+    gap, low, high = metrics.psnr_gap_interval(ref, test)
+    assert gap == pytest.approx(metrics.psnr_from_mse(ref.sum() / 1e6) - metrics.psnr_from_mse(test.sum() / 1e6))
+    assert low < gap < high
+    # episodes that go either way by chance: the interval holds 0; a small deficit in every episode: it does not
+    noisy = ref * np.where(np.arange(200) % 2, 1.2, 1 / 1.2)
+    assert metrics.psnr_gap_interval(ref, noisy)[1] < 0 < metrics.psnr_gap_interval(ref, noisy)[2]
+    assert metrics.psnr_gap_interval(ref, ref * rng.uniform(1.01, 1.03, 200))[1] > 0
 
 
 def test_weights_for_another_game_or_latent_shape_are_refused(tiny_models, tmp_path):
