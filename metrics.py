@@ -22,11 +22,14 @@ class PSNRAccumulator:
     def add(self, pred_rgb: torch.Tensor, real_rgb: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         err = (pred_rgb.float() - real_rgb.float()).pow(2)          # (B, H, W, 3)
         if mask is not None:
-            err = err * mask[..., None]
-            self.n += int(mask.sum().item()) * 3
+            self.add_sums(float((err * mask[..., None]).sum().item()), int(mask.sum().item()) * 3)
         else:
-            self.n += err.numel()
-        self.sq += float(err.sum().item())
+            self.add_sums(float(err.sum().item()), err.numel())
+
+    def add_sums(self, sq: float, n: int) -> None:
+        """For a caller that has the squared error's sum over n pixel channels already (per-sample errors, say)."""
+        self.sq += sq
+        self.n += n
 
     @property
     def psnr(self) -> float:

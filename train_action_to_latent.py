@@ -188,12 +188,14 @@ def validate(a2l: ActionToLatent, wm, palette, val: PairWindows, cfg: Config, de
         real = colors[nxt.long()]
         mask = wm_metrics.motion_mask(ctx[:, -1], nxt)
         frames = {}
+        motion_n = int(mask.sum().item()) * 3
         for col, (key, codes, events) in enumerate((("enc", true, true_events), ("pred", pred, pred_events))):
             frames[key] = wm.predict_next(ctx, codes, events)
             out = colors[frames[key].long()]
             acc[key].add(out, real)
-            acc["m_" + key].add(out, real, mask)
+            # each sample's motion error once: for the motion PSNR and for its episode (the gap's bootstrap)
             se = ((out.float() - real.float()).pow(2) * mask[..., None]).flatten(1).sum(1).cpu().numpy()
+            acc["m_" + key].add_sums(float(se.sum()), motion_n)
             for it, e in zip(items, se):
                 episode_se[it["episode"]][col] += e
         # codes can be redundant (two codes, one frame): what counts is the frame the decoder draws
