@@ -53,14 +53,19 @@ def test_eval_only_revalidates_the_saved_weights(tiny_data, tiny_models, tmp_pat
         assert again[key] == pytest.approx(trained[key]), key
     assert again["step"] == trained["step"] and not (tmp_path / "train" / "action_to_latent.pt").exists()
     assert (tmp_path / "train" / "action_to_latent_eval_only" / "action_to_latent_confusion.png").exists()
-    # the gap is the two motion PSNRs' difference, and the per-episode errors it is bootstrapped from add up to it
-    gap = again["motion_psnr@1_encoder_latent"] - again["motion_psnr@1_predicted_latent"]
-    assert again["motion_psnr@1_gap"] == pytest.approx(gap, abs=1e-6)
-    assert again["motion_psnr@1_gap_low"] <= again["motion_psnr@1_gap"] <= again["motion_psnr@1_gap_high"]
-    per_episode = np.array(list(again["per_episode_motion_se"].values()))
-    assert set(again["per_episode_motion_se"]) == {f.stem for f in gd.split_episodes(tiny_data, "val")}
-    assert again["val_episodes"] == len(per_episode)
-    assert 10 * np.log10(per_episode[:, 1].sum() / per_episode[:, 0].sum()) == pytest.approx(gap, abs=1e-6)
+    # each gap (over the motion pixels, over the whole frame) is the two PSNRs' difference, and the per-episode errors
+    # it is bootstrapped from add up to it
+    for metric, name in (("motion_psnr@1", "motion"), ("psnr@1", "frame")):
+        gap = again[f"{metric}_encoder_latent"] - again[f"{metric}_predicted_latent"]
+        assert again[f"{metric}_gap"] == pytest.approx(gap, abs=1e-6)
+        assert again[f"{metric}_gap_low"] <= again[f"{metric}_gap"] <= again[f"{metric}_gap_high"]
+        per_episode = np.array(list(again[f"per_episode_{name}_se"].values()))
+        assert set(again[f"per_episode_{name}_se"]) == {f.stem for f in gd.split_episodes(tiny_data, "val")}
+        assert again["val_episodes"] == len(per_episode)
+        assert 10 * np.log10(per_episode[:, 1].sum() / per_episode[:, 0].sum()) == pytest.approx(gap, abs=1e-6)
+    # the whole frame holds the motion pixels: its error is at least theirs, episode by episode
+    motion, frame = (np.array(list(again[f"per_episode_{n}_se"].values())) for n in ("motion", "frame"))
+    assert (frame >= motion - 1e-3).all()
 
 
 def test_gap_interval_is_a_paired_bootstrap_over_episodes():
@@ -79,6 +84,23 @@ def test_gap_interval_is_a_paired_bootstrap_over_episodes():
     noisy = ref * np.where(np.arange(200) % 2, 1.2, 1 / 1.2)
     assert metrics.psnr_gap_interval(ref, noisy)[1] < 0 < metrics.psnr_gap_interval(ref, noisy)[2]
     assert metrics.psnr_gap_interval(ref, ref * rng.uniform(1.01, 1.03, 200))[1] > 0
+
+
+def test_validation_decodes_again_only_where_the_prediction_differs(tiny_models):
+    # the validation reuses the encoder latent's frame where the predicted latent is the same: valid only if the
+    # decoder draws each sample on its own, whatever else is in the batch
+    from train_action_to_latent import redecode
+    wm, palette, _ = load_world_model(tiny_models / "world_model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, len(palette), (6, wm.context, 210, 160), generator=g, dtype=torch.uint8)
+    K = wm.hparams["codebook_size"]
+    a, b = torch.randint(0, K, (6, 1), generator=g), torch.randint(0, K, (6, 1), generator=g)
+    events = torch.zeros(6, dtype=torch.long) if wm.num_events else None
+    rows = torch.tensor([True, False, True, False, False, True])
+    frames = wm.predict_next(ctx, a, events)
+    again = redecode(wm, ctx, frames, rows, b, events)
+    assert torch.equal(again, wm.predict_next(ctx, torch.where(rows[:, None], b, a), events))
+    assert torch.equal(again[~rows], frames[~rows]) and redecode(wm, ctx, frames, ~rows & False, b, events) is frames
 
 
 def test_weights_for_another_game_or_latent_shape_are_refused(tiny_models, tmp_path):
